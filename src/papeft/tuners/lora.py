@@ -1,0 +1,32 @@
+"""LoRA through Hugging Face peft, targeted by roles so one config serves every architecture.
+
+PARADE Appendix E: rank 4 on all seven linears (q, k, v, o, gate, up, down),
+left unmerged. The paper does not give alpha or dropout; we keep peft's
+defaults (alpha 8, dropout 0.0): our reading.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from papeft.architectures import LINEAR_ROLES, ROLE_PATHS, lora_target_modules, model_type
+from papeft.tuners.base import AdaptedModel, register_method
+
+
+@dataclass
+class LoraMethodConfig:
+    r: int = 4
+    alpha: float = 8.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(LINEAR_ROLES))
+
+
+@register_method("lora", LoraMethodConfig)
+def apply_lora(model: nn.Module, config: LoraMethodConfig, name: str) -> AdaptedModel:
+    roles = [r for r in config.targets if r in ROLE_PATHS[model_type(model)]]
+    peft_config = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                             target_modules=lora_target_modules(model, roles), bias="none",
+                             task_type="CAUSAL_LM")
+    return AdaptedModel(get_peft_model(model, peft_config), name, config)

@@ -1,0 +1,170 @@
+"""Tests for papeft.report: medians, IQR, skipping bad runs, table formats, CLI, atomic writes."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from papeft import report
+from papeft.report import collect, median_table, to_csv, to_latex, to_markdown, write_tables
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def rec(method="parade", task="copa", seed=0, score=55.0, backbone="smollm2_135m", **kw) -> dict:
+    base = {"backbone": backbone, "method": method, "task": task, "seed": seed,
+            "metric": "accuracy", "score": score, "params_trainable": 1234,
+            "params_trainable_no_bias": 1000, "train_time_s": 1.0,
+            "train_tokens_per_s": 10.0, "split_protocol": "paper", "notes": [],
+            "status": "complete"}
+    return {**base, **kw}
+
+
+def put(root: Path, name: str, data: dict | str) -> Path:
+    path = root / name / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+def cell(rows, method, task):
+    return next(r for r in rows if r.method == method).cells[task]
+
+
+def test_median_odd_and_even_seed_counts():
+    rows = median_table([rec("a", seed=0, score=50), rec("a", seed=1, score=90),
+                         rec("a", seed=2, score=60),
+                         rec("b", seed=0, score=50), rec("b", seed=1, score=60)])
+    assert cell(rows, "a", "copa").median == 60.0
+    assert cell(rows, "b", "copa").median == 55.0
+    assert cell(rows, "a", "copa").n == 3 and cell(rows, "b", "copa").n == 2
+
+
+def test_iqr_linear_interpolation():
+    rows = median_table([rec(seed=i, score=s) for i, s in enumerate([1, 2, 3, 4])])
+    # q25 at position 0.75 -> 1.75, q75 at position 2.25 -> 3.25
+    assert cell(rows, "parade", "copa").iqr == pytest.approx(1.5)
+    one = median_table([rec(score=70)])
+    assert cell(one, "parade", "copa").iqr == 0
+    assert report.quantile([10, 20, 30, 40, 50], 0.75) == 40
+
+
+def test_incomplete_and_corrupt_runs_not_counted(tmp_path):
+    put(tmp_path, "ok", rec(seed=0, score=50))
+    put(tmp_path, "partial", rec(seed=1, score=99, status="running"))
+    bad = put(tmp_path, "corrupt", '{"backbone": "smollm2_135m", "score": ')
+    nokeys = put(tmp_path, "nokeys", {"status": "complete", "score": 10})
+    with pytest.warns(UserWarning) as caught:
+        records = collect(tmp_path)
+    messages = " ".join(str(w.message) for w in caught)
+    assert str(bad) in messages and str(nokeys) in messages
+    assert len(records) == 1
+    rows = median_table(records)
+    assert cell(rows, "parade", "copa").scores == [50.0]
+
+
+def test_duplicate_seed_keeps_newest(tmp_path):
+    old = put(tmp_path, "old", rec(score=10))
+    new = put(tmp_path, "new", rec(score=80))
+    os.utime(old, (1_000_000, 1_000_000))
+    os.utime(new, (2_000_000, 2_000_000))
+    records = collect(tmp_path)
+    with pytest.warns(UserWarning, match="duplicate"):
+        rows = median_table(records)
+    assert cell(rows, "parade", "copa").scores == [80.0]
+
+
+def test_missing_cell_markdown_dash_csv_empty():
+    rows = median_table([rec("a", "copa", score=50), rec("a", "rte", score=70),
+                         rec("b", "copa", score=60)])
+    md = to_markdown(rows)
+    b_line = next(l for l in md.splitlines() if l.startswith("| smollm2_135m | b |"))
+    assert b_line.rstrip(" |").endswith("–")
+    assert "copa (accuracy)" in md and "rte (accuracy)" in md
+    table = list(csv.DictReader(io.StringIO(to_csv(rows))))
+    b = next(r for r in table if r["method"] == "b")
+    assert b["rte_median"] == "" and b["rte_n"] == "" and b["rte_iqr"] == ""
+    assert b["copa_median"] == "60.0" and b["params"] == "1000"
+
+
+def test_n_flag_and_params_format():
+    rows = median_table([rec("a", seed=0), rec("a", seed=1), rec("b", seed=0,
+                         params_trainable_no_bias=8_950_000)])
+    md = to_markdown(rows)
+    assert "(n=1)" in md and "8.95M" in md
+    assert report.format_params(123_400) == "123.4K" and report.format_params(512) == "512"
+
+
+def test_latex_marks_escapes_and_balance():
+    rows = median_table([rec("my_best", score=90), rec("second", score=80),
+                         rec("third", score=70), rec("tied_3rd", score=70),
+                         rec("my_best", task="rte", score=40, notes=["50% & #1_note"])])
+    tex = to_latex(rows, report.collect_notes([rec(notes=["50% & #1_note"])]))
+    assert r"\textbf{90.0}" in tex and r"\underline{80.0}" in tex
+    assert r"\textbf{70.0}" not in tex and r"\underline{70.0}" not in tex
+    assert r"my\_best" in tex and "my_best" not in tex.replace(r"my\_best", "")
+    assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex
+    assert r"50\% \& \#1\_note" in tex
+    body = tex.split(r"\toprule")[1].split(r"\bottomrule")[0]
+    rows_tex = [l for l in body.splitlines() if l.endswith(r"\\")]
+    counts = {l.replace(r"\&", "").count("&") for l in rows_tex}
+    assert len(rows_tex) == 5 and counts == {4}  # 3 fixed columns + 2 tasks
+    assert r"\textbf{40.0}" not in tex  # single value in a column: no mark
+
+
+def test_latex_ties_share_mark():
+    rows = median_table([rec("a", score=90), rec("b", score=90), rec("c", score=80)])
+    tex = to_latex(rows)
+    assert tex.count(r"\textbf{90.0}") == 2 and r"\underline{80.0}" in tex
+
+
+def test_markdown_bold_and_notes():
+    rows = median_table([rec("a", score=90), rec("b", score=80)])
+    md = to_markdown(rows, ["split_protocol=dev_only: x"])
+    assert "**90.0**" in md and "**80.0**" not in md
+    assert "- split_protocol=dev_only: x" in md
+
+
+def test_write_tables_atomic_via_io(tmp_path, monkeypatch):
+    put(tmp_path / "runs", "r0", rec(score=50))
+    written = []
+    real = report.write_text
+    monkeypatch.setattr(report, "write_text", lambda p, t: (written.append(Path(p)), real(p, t)))
+    paths = write_tables([tmp_path / "runs", rec("other", score=60)], tmp_path / "out" / "median")
+    assert set(paths) == {"md", "csv", "tex"}
+    assert sorted(written) == sorted(paths.values())
+    assert all(p.exists() for p in paths.values())
+    assert not list((tmp_path / "out").glob("*.tmp")) and not list((tmp_path / "out").glob(".*"))
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    return subprocess.run([sys.executable, "-m", "papeft.report", *map(str, args)],
+                          capture_output=True, text=True, env=env)
+
+
+def test_cli_writes_three_files(tmp_path):
+    put(tmp_path, "a/s0", rec(seed=0, score=50, notes=["split_protocol=dev_only: y"]))
+    put(tmp_path, "a/s1", rec(seed=1, score=60))
+    res = run_cli(tmp_path)
+    assert res.returncode == 0, res.stderr
+    for ext in ("md", "csv", "tex"):
+        assert (tmp_path / f"median.{ext}").is_file()
+    assert "55.0" in res.stdout and "split_protocol=dev_only" in res.stdout
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".median*"))
+    out = tmp_path / "tables"
+    assert run_cli(tmp_path, "--out", out, "--name", "t").returncode == 0
+    assert (out / "t.csv").is_file()
+
+
+def test_cli_empty_dir_fails_naming_dir(tmp_path):
+    res = run_cli(tmp_path)
+    assert res.returncode != 0
+    assert str(tmp_path) in res.stderr and "metrics.json" in res.stderr
+    assert not list(tmp_path.iterdir())
