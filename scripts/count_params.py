@@ -27,8 +27,6 @@ def smollm2_config():
 def count(method_yaml: Path, hf_config) -> dict:
     from papeft.tuners import build_method
     m = OmegaConf.to_container(OmegaConf.load(method_yaml), resolve=True)
-    m.pop("name")
-    m["name"] = m.pop("type")
     with torch.device("meta"):
         return build_method(AutoModelForCausalLM.from_config(hf_config), m).param_counts()
 

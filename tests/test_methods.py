@@ -9,9 +9,9 @@ from conftest import VOCAB, tiny_model
 LLAMA2_7B = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                         num_attention_heads=32, num_key_value_heads=32)
 CONFIGS = {
-    "parade": {"name": "parade", "r": 12, "num_capsules": 4},
-    "para": {"name": "para", "r": 12, "pooler": "last"},
-    "lora": {"name": "lora", "r": 4},
+    "parade": {"type": "parade", "r": 12, "num_capsules": 4},
+    "para": {"type": "para", "r": 12, "pooler": "last"},
+    "lora": {"type": "lora", "r": 4},
 }
 
 
@@ -34,9 +34,9 @@ def test_lora_budget_on_llama2_7b():
 
 def test_unknown_method_and_key_are_named():
     with pytest.raises(ValueError, match="not registered"):
-        build_method(tiny_model(), {"name": "nope"})
+        build_method(tiny_model(), {"type": "nope"})
     with pytest.raises(ValueError, match="rank"):
-        build_method(tiny_model(), {"name": "parade", "rank": 3})
+        build_method(tiny_model(), {"type": "parade", "rank": 3})
     assert {"parade", "para", "lora"} <= set(METHODS)
 
 

@@ -7,8 +7,8 @@ from papeft.tuners.vector_generator import CapsulePooler, squash
 from conftest import VOCAB, tiny_model
 
 METHODS = {
-    "parade": {"name": "parade", "r": 12, "num_capsules": 4, "pooler": "capsule"},
-    "para": {"name": "para", "r": 12, "pooler": "last"},
+    "parade": {"type": "parade", "r": 12, "num_capsules": 4, "pooler": "capsule"},
+    "para": {"type": "para", "r": 12, "pooler": "last"},
 }
 ARCHS = ["llama", "gemma", "gpt2", "gpt_neox"]
 

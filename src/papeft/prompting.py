@@ -33,24 +33,34 @@ class PromptFormatter:
             chat_template = "none"
         self.tok, self.mode, self.system, self.max_length = tokenizer, chat_template, system_prompt, max_length
 
-    def prompt_text(self, prompt: str) -> str:
+    def prompt_text(self, prompt: str | list[dict]) -> str:
+        """The text before the response. `prompt` is one user turn, or a chat as a list of
+        {"role": "user" | "assistant", "content"} messages ending with a user turn."""
+        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if not msgs or msgs[-1]["role"] != "user":
+            raise ValueError("a prompt chat must end with a user message")
         if self.mode == "llama2":
             system = self.system or LLAMA2_SYSTEM
-            return f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{prompt.strip()} [/INST] "
+            text = f"<<SYS>>\n{system}\n<</SYS>>\n\n"
+            turns = []
+            for i in range(0, len(msgs), 2):
+                answer = f" {msgs[i + 1]['content'].strip()} {self.tok.eos_token}" if i + 1 < len(msgs) else " "
+                turns.append(f"[INST] {text}{msgs[i]['content'].strip()} [/INST]{answer}")
+                text = ""
+            return f"{self.tok.bos_token}".join(turns)
         if self.mode == "auto":
-            msgs = ([{"role": "system", "content": self.system}] if self.system else [])
-            msgs.append({"role": "user", "content": prompt})
-            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        return prompt + "\n"
+            system = [{"role": "system", "content": self.system}] if self.system else []
+            return self.tok.apply_chat_template(system + msgs, tokenize=False, add_generation_prompt=True)
+        return "\n".join(m["content"] for m in msgs) + "\n"
 
-    def encode_prompt(self, prompt: str) -> list[int]:
+    def encode_prompt(self, prompt: str | list[dict]) -> list[int]:
         ids = self.tok(self.prompt_text(prompt), add_special_tokens=False)["input_ids"]
         bos = self.tok.bos_token_id
         if self.mode != "auto" and bos is not None and self.tok.bos_token != self.tok.eos_token:
             ids = [bos] + ids          # llama2 / plain models start with <s>; chat templates carry their own
         return ids
 
-    def encode(self, prompt: str, response: str = "") -> Encoded:
+    def encode(self, prompt: str | list[dict], response: str = "") -> Encoded:
         """Token ids of the prompt and of the response + end token, cut to `max_length` in total.
 
         Over-long prompts lose their middle: the first KEEP_HEAD tokens (template
@@ -59,7 +69,7 @@ class PromptFormatter:
         """
         p = self.encode_prompt(prompt)
         r = self.tok(response, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id] if response else []
-        r = r[: self.max_length // 2] if len(r) > self.max_length // 2 else r
+        r = r[: self.max_length // 2]
         room = self.max_length - len(r)
         if len(p) > room:
             p = p[:KEEP_HEAD] + p[len(p) - (room - KEEP_HEAD):]

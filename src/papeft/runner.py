@@ -66,30 +66,32 @@ def run_single(cfg: DictConfig, seed: int) -> dict:
     splits = task.load(cfg.task, cfg.data.root)
     log.info("%s: %d train / %d dev / %d test", task.name, len(splits.train), len(splits.dev), len(splits.test))
     model, tok = load_backbone(OmegaConf.to_container(cfg.backbone, resolve=True))
-    method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
-    method_cfg.pop("name")
-    method_cfg["name"] = method_cfg.pop("type")
-    adapted = build_method(model, method_cfg)
+    adapted = build_method(model, OmegaConf.to_container(cfg.method, resolve=True))
     tcfg = make_config(TrainerConfig, OmegaConf.to_container(cfg.trainer, resolve=True), where="trainer")
     fmt = PromptFormatter(tok, cfg.backbone.chat_template, cfg.backbone.get("system_prompt"), tcfg.max_length)
-    enc = {name: [fmt.encode(e.prompt, e.response) for e in getattr(splits, name)]
-           for name in ("train", "dev", "test")}
+    enc = {name: [fmt.encode(e.prompt, e.response) for e in getattr(splits, name)] for name in ("train", "dev")}
 
     trainer = Trainer(adapted, tcfg, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, seed=seed)
     fit = trainer.fit(enc["train"], enc["dev"], save_dir=out / "adapter")
-    preds = trainer.predict(enc["test"], tok, int(cfg.task.max_new_tokens))
-    score = task.score(preds, splits.test)
-    write_jsonl(out / "predictions.jsonl", [
-        {"uid": e.uid, "prediction": p, "answers": list(e.answers)} for e, p in zip(splits.test, preds)])
+
+    def generate(prompts: list) -> list[str]:
+        return trainer.predict([fmt.encode(p) for p in prompts], tok, int(cfg.task.max_new_tokens))
+
+    result = task.evaluate(generate, splits.test)
+    score = result.score
+    write_jsonl(out / "predictions.jsonl", result.rows)
+    artifacts = [str(p) for p in adapted.write_artifacts(out)]
     metrics = {
         "backbone": cfg.backbone.name, "method": cfg.method.name, "task": task.name, "seed": seed,
-        "metric": task.metric, "score": score, **adapted.param_counts(),
+        "metric": task.metric, "score": score, "metrics": result.metrics, **adapted.param_counts(),
         "train_time_s": fit["train_time_s"], "train_tokens_per_s": fit["train_tokens_per_s"],
-        "steps": fit["steps"], "batch_size": fit["batch_size"], "best_step": fit["best_step"],
+        "steps": fit["steps"], "stopped_early": fit["stopped_early"], "batch_size": fit["batch_size"],
+        "best_step": fit["best_step"],
         "best_dev_loss": fit["best_dev_loss"], "dev_history": fit["history"],
         "n_train": len(splits.train), "n_dev": len(splits.dev), "n_test": len(splits.test),
         "split_protocol": cfg.task.split_protocol, "notes": list(splits.notes),
-        "num_beams": tcfg.num_beams, "device": str(trainer.device), "status": "complete",
+        "num_beams": tcfg.num_beams, "device": str(trainer.device), "artifacts": artifacts,
+        "status": "complete",
     }
     write_json(out / "metrics.json", metrics)
     print(f"[{cfg.backbone.name} / {cfg.method.name} / {task.name} / seed {seed}] "

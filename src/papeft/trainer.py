@@ -76,25 +76,36 @@ class Trainer:
         micro = min(cfg.micro_batch_size, bs)
         steps_per_epoch = math.ceil(len(train) / bs)
         total = cfg.max_steps or cfg.max_epochs * steps_per_epoch
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        outer = self.model.outer_parameters()
+        outer_ids = {id(p) for p in outer}
+        params = [p for p in self.model.parameters() if p.requires_grad and id(p) not in outer_ids]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
         gen = torch.Generator().manual_seed(self.seed)
+        outer_step = None
+        if outer:
+            outer_step, train = self._outer_stepper(outer, train, micro)
 
         best = {"dev_loss": math.inf, "step": 0, "state": None}
-        history, bad_evals, step, tokens = [], 0, 0, 0
+        history, bad_evals, step, tokens, stopped_early = [], 0, 0, 0, False
         bar = tqdm(total=total, desc="train", disable=not cfg.progress)
         start = time.perf_counter()
         self.model.train()
-        while step < total:
+        self.model.on_train_begin(total)
+        while step < total and not stopped_early:
             order = torch.randperm(len(train), generator=gen).tolist()
             for idx in _chunks(order, bs):
                 if step >= total:
                     break
                 loss_sum, n_tok = self._accumulate([train[i] for i in idx], micro)
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+                opt.step()
+                sched.step()
                 step += 1
+                self.model.on_step_end(step)
+                opt.zero_grad(set_to_none=True)
+                if outer_step is not None:
+                    outer_step()
                 tokens += n_tok
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum:.4f}")
@@ -111,7 +122,7 @@ class Trainer:
                     else:
                         bad_evals += 1
                         if bad_evals >= cfg.patience:
-                            step = total          # early stop
+                            stopped_early = True
                             break
         bar.close()
         train_time = time.perf_counter() - start
@@ -120,10 +131,34 @@ class Trainer:
             self.model.load_trainable_state_dict(best["state"])
         elif save_dir is not None:
             self.model.save_adapter(save_dir)
-        return {"steps": min(step, total), "batch_size": bs, "best_step": best["step"],
+        return {"steps": step, "planned_steps": total, "stopped_early": stopped_early, "batch_size": bs, "best_step": best["step"],
                 "best_dev_loss": best["dev_loss"] if best["state"] is not None else None,
                 "train_time_s": train_time, "train_tokens": tokens,
                 "train_tokens_per_s": tokens / max(train_time, 1e-9), "history": history}
+
+    def _outer_stepper(self, outer: list, train: list[Encoded], micro: int):
+        """Bi-level optimisation (our reading of PEDRO, first-order DARTS): D_val is a fixed slice of
+        train (`val_fraction`, not the run seed); each call takes one outer step on the next D_val batch."""
+        opts = self.model.bilevel_options()
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(1234)).tolist()
+        n_val = max(1, int(round(opts["val_fraction"] * len(train))))
+        if n_val >= len(train):
+            raise ValueError(f"bi-level val_fraction={opts['val_fraction']} leaves no training examples")
+        d_val = [train[i] for i in order[:n_val]]
+        opt = torch.optim.AdamW(outer, lr=opts["lr"], weight_decay=opts["weight_decay"])
+        bs = self.cfg.effective_batch_size(len(train))
+        state = {"pos": 0}
+
+        def step() -> None:
+            self.model.zero_grad(set_to_none=True)    # drop what the D_train batch left on outer params
+            batch = [d_val[(state["pos"] + i) % len(d_val)] for i in range(min(bs, len(d_val)))]
+            state["pos"] = (state["pos"] + len(batch)) % len(d_val)
+            self._accumulate(batch, micro)
+            torch.nn.utils.clip_grad_norm_(outer, self.cfg.max_grad_norm)
+            opt.step()
+            self.model.zero_grad(set_to_none=True)    # the outer batch never updates inner weights
+
+        return step, [train[i] for i in order[n_val:]]
 
     def _accumulate(self, examples: list[Encoded], micro: int) -> tuple[float, int]:
         """Forward/backward over micro-batches; the loss is the mean over all response tokens."""

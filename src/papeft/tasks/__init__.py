@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from . import glue, superglue  # noqa: F401  (importing registers the tasks)
-from .base import TASKS, DataError, Example, Splits, Task, get_task, register_task
+from .base import TASKS, DataError, Evaluation, Example, Splits, Task, get_task, register_task
 from .superglue import PromptTask
 
-__all__ = ["DataError", "Example", "PromptTask", "Splits", "TASKS", "Task", "get_task", "register_task"]
+__all__ = ["DataError", "Evaluation", "Example", "PromptTask", "Splits", "TASKS", "Task", "get_task", "register_task"]

@@ -12,7 +12,7 @@ import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -56,6 +56,27 @@ class Task:
     def score(self, predictions: list[str], examples: list[Example]) -> float:
         """Accuracy in percent (0..100) of `predictions` against `examples`."""
         return accuracy(predictions, examples)
+
+    def extra_metrics(self, predictions: list[str], examples: list[Example]) -> dict[str, float]:
+        """Secondary metrics reported beside the main one (e.g. EM and F1 apart, BLEU)."""
+        return {}
+
+    def evaluate(self, generate: Callable[[list], list[str]], examples: list[Example]) -> "Evaluation":
+        """Generate a response per example and score it. `generate` takes prompts (a string, or a
+        chat as a list of {"role", "content"} messages) and returns one response each. Tasks that
+        need more (several turns, a judge) override this."""
+        preds = generate([e.prompt for e in examples])
+        rows = [{"uid": e.uid, "prediction": p, "answers": list(e.answers)} for e, p in zip(examples, preds)]
+        return Evaluation(self.score(preds, examples), self.extra_metrics(preds, examples), rows)
+
+
+@dataclass
+class Evaluation:
+    """What a task's evaluation returns: the main score, secondary metrics, one row per example."""
+
+    score: float
+    metrics: dict[str, float]
+    rows: list[dict]
 
 
 # ---------------------------------------------------------------------------- registry

@@ -51,6 +51,30 @@ class AdaptedModel(nn.Module):
     def generate(self, input_ids, attention_mask=None, **gen_kwargs):
         return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
 
+    # ---- hooks the shared trainer calls; a method overrides only what it needs ----
+    def outer_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the outer level of a bi-level optimisation (PEDRO's rational coefficients).
+
+        When non-empty, the trainer holds out `bilevel_options()["val_fraction"]` of the
+        training set as D_val and alternates one step of the other trainable weights on a
+        D_train batch with one step of these on a D_val batch, each with its own optimizer.
+        """
+        return []
+
+    def bilevel_options(self) -> dict[str, Any]:
+        """{"val_fraction", "lr", "weight_decay"} of the outer optimizer (used only with outer parameters)."""
+        return {"val_fraction": 0.1, "lr": 1e-3, "weight_decay": 0.0}
+
+    def on_train_begin(self, total_steps: int) -> None:
+        """Called once before the first step with the planned number of optimizer steps."""
+
+    def on_step_end(self, step: int) -> None:
+        """Called after backward and the optimizer step, before zero_grad (AdaLoRA's rank allocation)."""
+
+    def write_artifacts(self, run_dir: Path) -> list[Path]:
+        """Method-specific outputs next to a finished run's results (PEDRO's activation plot)."""
+        return []
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
@@ -132,11 +156,15 @@ def make_config(config_cls: type, values: dict[str, Any], where: str = "method")
 
 
 def build_method(model: nn.Module, method_cfg: dict[str, Any]) -> AdaptedModel:
-    """Apply the method named by `method_cfg['name']` to `model` (frozen in place)."""
+    """Apply a configs/method/*.yaml entry to `model` (frozen in place).
+
+    `type` is the registry key; `name` (optional) is the run's label, e.g. `parade_4` of type `parade`.
+    """
     values = dict(method_cfg)
-    name = values.pop("name", None)
-    if name not in METHODS:
-        raise ValueError(f"method.name='{name}' is not registered; known methods: {sorted(METHODS)}")
-    spec = METHODS[name]
-    config = make_config(spec.config_cls, values, where=f"method '{name}'")
-    return spec.apply(freeze(model), config, name)
+    values.pop("name", None)
+    kind = values.pop("type", None)
+    if kind not in METHODS:
+        raise ValueError(f"method.type='{kind}' is not registered; known methods: {sorted(METHODS)}")
+    spec = METHODS[kind]
+    config = make_config(spec.config_cls, values, where=f"method '{kind}'")
+    return spec.apply(freeze(model), config, kind)
