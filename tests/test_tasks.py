@@ -37,7 +37,7 @@ def uids(examples: list[Example]) -> set[str]:
 
 
 def test_registry_has_the_four_tasks():
-    assert set(TASKS) == set(TASK_NAMES)
+    assert set(TASK_NAMES) <= set(TASKS)
     for name in TASK_NAMES:
         assert get_task(name).name == name and get_task(name).metric == "accuracy"
     with pytest.raises(KeyError, match="copa"):

@@ -158,11 +158,13 @@ class PromptTask(Task):
         path = resolve_task_dir(data_root, self.task_dir) / self.files["train"]
         if not path.is_file():
             hub = " or ".join(f"{p}/{c}" if c else p for p, c in self.hub_ids)
+            test = ("its test half is the paper protocol's test set" if self.dev_from_train is None
+                    else "its test set is half the official validation file, not comparable with paper runs")
             raise DataError(
                 f"{path} is missing, and split_protocol=paper needs the official {self.name} training file. "
                 f"Either load the task from the Hugging Face Hub with task.source=hub ({hub}), "
                 f"or use task.split_protocol=dev_only (train/dev carved from the official validation file; "
-                f"its test half is the paper protocol's test set).")
+                f"{test}).")
         return self.read_local(data_root, "train")
 
     def _dev_only_note(self, seed: int, train: list, dev: list, test: list) -> str:

@@ -22,18 +22,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from papeft.architectures import decoder_layers, role_sites
+from papeft.architectures import LINEAR_ROLES, ROLE_PATHS, decoder_layers, model_type, role_sites
 from papeft.tuners.base import AdaptedModel, register_method
-from papeft.tuners.vector_generator import ACTIVATIONS, VectorGenerator, make_pooler
+from papeft.tuners.vector_generator import VectorGenerator, make_activation, make_pooler
 
 
 @dataclass
 class PromptAwareConfig:
     r: int = 12                                  # bottleneck
-    num_capsules: int = 4                        # K (capsule pooler only)
-    pooler: str = "capsule"                      # capsule | last | mean
-    activation: str = "gelu"
+    num_capsules: int = 4                        # K (capsule and routing poolers only)
+    pooler: str = "capsule"                      # capsule | routing | last | mean
+    activation: str = "gelu"                     # gelu | relu | tanh | identity | rational
     targets: list[str] = field(default_factory=lambda: ["q", "v", "up"])
+    skip_absent_targets: bool = False            # drop targets the architecture lacks (GPT-2 has no gate)
 
 
 def _rows(mask: torch.Tensor, batch: int, length: int) -> torch.Tensor:
@@ -50,13 +51,16 @@ def _rows(mask: torch.Tensor, batch: int, length: int) -> torch.Tensor:
 class PromptAwareModel(AdaptedModel):
     def __init__(self, model: nn.Module, config: PromptAwareConfig, method: str):
         super().__init__(model, method, config)
-        self.sites = role_sites(model, list(config.targets))
+        targets = list(config.targets)
+        if config.skip_absent_targets:     # a known role this architecture lacks; typos still fail below
+            targets = [t for t in targets if t in ROLE_PATHS[model_type(model)] or t not in LINEAR_ROLES]
+        self.sites = role_sites(model, targets)
         d = model.config.hidden_size
         widths = {s.role: s.width for s in self.sites}
         self.generators = nn.ModuleList(
             VectorGenerator(d, config.r, widths,
                             make_pooler(config.pooler, config.r, config.num_capsules),
-                            ACTIVATIONS[config.activation]())
+                            make_activation(config.activation))
             for _ in decoder_layers(model))
         self._prompt_mask: torch.Tensor | None = None   # set by forward/generate for the call
         self._pool_mask: torch.Tensor | None = None     # (B, T) mask of this prefill

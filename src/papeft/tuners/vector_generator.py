@@ -6,12 +6,17 @@ PARADE eq. (6):  l = g( Pool( h W_down ) ) W_up + b_up ;  l_q, l_v, l_u = Split(
 them, and padding and response tokens never enter the pool. For the linear
 poolers (last token, mean) pooling before or after W_down is the same thing,
 so PARA's "pool -> down -> act -> up" is this module with `LastTokenPooler`.
+PEDRO is this module with g = `RationalActivation` (a learnable rational function).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from functools import partial
+
+from papeft.tuners.rational import PAU_GELU_INIT, RationalActivation
 
 
 def squash(s: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
@@ -32,25 +37,46 @@ class CapsulePooler(nn.Module):
     K output capsules of size r/K; routing logits start from attention scores
     v_k . h'_j and get exactly one refinement b_jk += c_k . m_jk (the paper
     writes c_k . h'_j, whose sizes do not agree: our reading, METHODS.md 1).
+    `attention=False` starts the logits at zero instead (no v_k), and
+    `refinements` sets how many routing updates follow the first pass.
     """
 
-    def __init__(self, r: int, num_capsules: int):
+    def __init__(self, r: int, num_capsules: int, attention: bool = True, refinements: int = 1):
         super().__init__()
         if r % num_capsules:
             raise ValueError(f"method.r={r} must be divisible by method.num_capsules={num_capsules}")
-        self.K, self.c = num_capsules, r // num_capsules
+        self.K, self.c, self.refinements = num_capsules, r // num_capsules, refinements
         self.W = nn.Parameter(torch.randn(num_capsules, r, self.c) * 0.02)  # (K, r, r/K)
-        self.v = nn.Parameter(torch.randn(num_capsules, r) * 0.02)          # (K, r)
+        self.v = nn.Parameter(torch.randn(num_capsules, r) * 0.02) if attention else None  # (K, r)
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        B = h.shape[0]
+        B, T = h.shape[:2]
         tok_mask = mask[:, None, :]                                # (B, 1, T)
         m = torch.einsum("btr,krc->bktc", h, self.W)               # (B, K, T, c)  eq. 7
-        b = torch.einsum("btr,kr->bkt", h, self.v)                 # (B, K, T)     eq. 9
+        if self.v is not None:
+            b = torch.einsum("btr,kr->bkt", h, self.v)             # (B, K, T)     eq. 9
+        else:
+            b = h.new_zeros(B, self.K, T)                          # (B, K, T)     uniform start
         c = squash(torch.einsum("bkt,bktc->bkc", masked_softmax(b, tok_mask), m))  # (B, K, c) eq. 8
-        b = b + torch.einsum("bkc,bktc->bkt", c, m)                # eq. 10, one refinement
-        c = squash(torch.einsum("bkt,bktc->bkc", masked_softmax(b, tok_mask), m))
+        for _ in range(self.refinements):
+            b = b + torch.einsum("bkc,bktc->bkt", c, m)            # eq. 10
+            c = squash(torch.einsum("bkt,bktc->bkc", masked_softmax(b, tok_mask), m))
         return c.reshape(B, self.K * self.c)                       # (B, r)
+
+
+class RoutingPooler(CapsulePooler):
+    """Classic dynamic-routing capsule pooler (Zhang et al. 2018) with one iteration (PARADE-2).
+
+    Routing logits start at zero and one iteration means no update of them, so
+    every prompt token is coupled equally: c_k = squash(masked mean_j m_jk).
+    Our reading: the routing softmax runs over the prompt tokens, the axis of
+    PARADE's eq. (9), not over the output capsules as in Sabour et al. (2017);
+    over capsules, zero logits would give every token weight 1/K and s_k would
+    be a *sum* over tokens that grows with the prompt's length.
+    """
+
+    def __init__(self, r: int, num_capsules: int):
+        super().__init__(r, num_capsules, attention=False, refinements=0)
 
 
 class LastTokenPooler(nn.Module):
@@ -73,14 +99,24 @@ class MeanPooler(nn.Module):
         return (h * w).sum(1) / w.sum(1).clamp_min(1.0)            # (B, r)
 
 
-POOLERS = {"capsule": CapsulePooler, "last": LastTokenPooler, "mean": MeanPooler}
-ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "identity": nn.Identity}
+POOLERS = {"capsule": CapsulePooler, "routing": RoutingPooler, "last": LastTokenPooler, "mean": MeanPooler}
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "identity": nn.Identity,
+               "rational": RationalActivation,                                  # GELU fit on [-5, 5]
+               "rational_pau": partial(RationalActivation, PAU_GELU_INIT)}      # METHODS.md coefficients
 
 
 def make_pooler(name: str, r: int, num_capsules: int) -> nn.Module:
     if name not in POOLERS:
         raise ValueError(f"method.pooler='{name}' is unknown; expected one of {sorted(POOLERS)}")
-    return CapsulePooler(r, num_capsules) if name == "capsule" else POOLERS[name]()
+    cls = POOLERS[name]
+    return cls(r, num_capsules) if issubclass(cls, CapsulePooler) else cls()
+
+
+def make_activation(name: str) -> nn.Module:
+    """A fresh instance, so a learnable activation (rational) is one per generator."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"method.activation='{name}' is unknown; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
 
 
 class VectorGenerator(nn.Module):

@@ -1,0 +1,119 @@
+"""(IA)3 and BitFit as PARADE configures them: a learned low-dim vector per layer and role, projected up.
+
+PARADE Appendix E sizes both baselines to its budget by learning each vector
+in a small dimension r' and projecting it up with a learnable matrix:
+
+    delta = v P                      # v: (r',) learned, P: (r', width) learned
+    (IA)3:  y' = (1 + delta) * y     # "scale":  multiplies the role's activations
+    BitFit: y' = y + delta           # "add":    a bias on the role's activations
+
+(IA)3 (`type: ia3`): Query, Key and Up outputs, r'=16; 9.83M on LLaMA-2 7B
+(paper: 9.8M). BitFit (`type: bitfit`): all seven linear outputs, r'=8;
+10.88M on LLaMA-2 7B (paper: 10.9M). Neither reads the prompt: the vectors
+are the same for every input, so they can be folded into the backbone.
+
+One forward hook per scaled module applies every role that lives in it; for a
+fused QKV module (GPT-2 `c_attn`, GPT-NeoX `query_key_value`) only the role's
+features (`RoleSite.index`) move, the rest of the output is untouched.
+
+Our reading where the paper is silent:
+* Init: v ~ N(0, `vector_init_std`=0.02) and P = 0, so delta = 0 at step 0 and
+  both methods are exactly the backbone; P gets gradients through v at once
+  (if both started at zero neither would ever move). For (IA)3 the constant 1
+  is not learned: it puts the identity at delta = 0.
+* No parameter is named "bias", so both counts (with / without biases) are equal.
+* BitFit is defined over "all linears": with the seven linear roles as targets,
+  roles the architecture lacks (GPT-2 / GPT-NeoX have no gate) are skipped.
+  Any other target list must name roles that exist.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from papeft.architectures import LINEAR_ROLES, ROLE_PATHS, RoleSite, decoder_layers, model_type, role_sites
+from papeft.tuners.base import AdaptedModel, register_method
+
+OPERATIONS = {"ia3": "scale", "bitfit": "add"}   # registry key -> how delta acts on the output
+
+
+@dataclass
+class ProjectedVectorConfig:
+    r: int = 16                                  # r': the learned vector's dimension
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "up"])
+    vector_init_std: float = 0.02
+
+
+class ProjectedVector(nn.Module):
+    """delta = v P: an r-dim learned vector projected up to `width` features (zero at init)."""
+
+    def __init__(self, r: int, width: int, init_std: float):
+        super().__init__()
+        self.vector = nn.Parameter(torch.randn(r) * init_std)          # (r,)
+        self.projection = nn.Parameter(torch.zeros(r, width))         # (r, width)
+
+    def forward(self) -> torch.Tensor:
+        return self.vector @ self.projection                          # (width,)
+
+
+def resolve_targets(model: nn.Module, targets: list[str]) -> list[str]:
+    """The roles to adapt; only the full set of linears drops roles this architecture lacks."""
+    unknown = sorted(set(targets) - set(LINEAR_ROLES))
+    if unknown or not targets:
+        raise ValueError(f"method.targets={list(targets)}: expected a non-empty list of roles "
+                         f"from {list(LINEAR_ROLES)}")
+    present = ROLE_PATHS[model_type(model)]
+    if set(targets) == set(LINEAR_ROLES):
+        return [r for r in LINEAR_ROLES if r in present]
+    missing = [r for r in targets if r not in present]
+    if missing:
+        raise ValueError(f"method.targets: role(s) {missing} do not exist in architecture "
+                         f"'{model_type(model)}' (it has {sorted(present)})")
+    return list(targets)
+
+
+class ProjectedVectorModel(AdaptedModel):
+    def __init__(self, model: nn.Module, config: ProjectedVectorConfig, method: str):
+        super().__init__(model, method, config)
+        if config.r < 1:
+            raise ValueError(f"method.r={config.r}: expected a positive vector dimension")
+        if config.vector_init_std <= 0:
+            raise ValueError(f"method.vector_init_std={config.vector_init_std}: expected > 0 "
+                             "(a zero vector and a zero projection would never train)")
+        self.operation = OPERATIONS[method]
+        self.sites = role_sites(model, resolve_targets(model, list(config.targets)))
+        layers = decoder_layers(model)
+        self.vectors = nn.ModuleList(                                 # [layer][role] -> ProjectedVector
+            nn.ModuleDict({s.role: ProjectedVector(config.r, s.width, config.vector_init_std)
+                           for s in self.sites})
+            for _ in layers)
+        by_path: dict[str, list[RoleSite]] = {}
+        for s in self.sites:
+            by_path.setdefault(s.path, []).append(s)
+        for i, layer in enumerate(layers):
+            for path, sites in by_path.items():
+                layer.get_submodule(path).register_forward_hook(self._make_hook(i, sites))
+
+    def _delta(self, i: int, sites: list[RoleSite], out: torch.Tensor) -> torch.Tensor:
+        """This layer's delta over the module's whole output, zero outside its roles' features."""
+        vecs = self.vectors[i]
+        if len(sites) == 1 and sites[0].index is None:
+            return vecs[sites[0].role]().to(out.dtype)                       # (out,)
+        delta = out.new_zeros(out.shape[-1])                                 # (out,)
+        for s in sites:
+            delta = delta.index_copy(0, s.index.to(out.device), vecs[s.role]().to(out.dtype))
+        return delta
+
+    def _make_hook(self, i: int, sites: list[RoleSite]):
+        def hook(module, args, out):                                  # out: (B, T, out)
+            delta = self._delta(i, sites, out)
+            return out * (1 + delta) if self.operation == "scale" else out + delta
+        return hook
+
+
+@register_method("ia3", ProjectedVectorConfig)
+@register_method("bitfit", ProjectedVectorConfig)
+def apply_projected_vectors(model: nn.Module, config: ProjectedVectorConfig, name: str) -> ProjectedVectorModel:
+    return ProjectedVectorModel(model, config, name)
