@@ -6,7 +6,7 @@
 """
 from __future__ import annotations
 
-from . import generation, glue, qa, superglue  # noqa: F401  (importing registers the tasks)
+from . import generation, glue, instruction, qa, superglue, wikisql  # noqa: F401  (registers the tasks)
 from .base import TASKS, DataError, Evaluation, Example, Splits, Task, get_task, register_task
 from .superglue import PromptTask
 
