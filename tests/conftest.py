@@ -7,6 +7,7 @@ import torch
 from papeft.backbones import build_random
 
 REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("WANDB_MODE", "disabled")   # tests never log to wandb unless a test asks for it
 TINY = {
     "llama": dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256),

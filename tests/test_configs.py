@@ -43,3 +43,57 @@ def test_default_run_is_parade_on_copa_on_smollm2():
 def test_every_method_and_task_registered_has_a_yaml():
     assert {o for o in options("method")} >= {"parade", "para", "lora"}
     assert set(TASKS) <= set(options("task"))
+
+
+EXPERIMENTS = options("experiment")
+PAPER = [e for e in EXPERIMENTS if e.startswith("paper_")]
+
+
+def compose_exp(*overrides):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_names_its_outputs_and_grid(name):
+    cfg = compose_exp(f"experiment={name}")
+    assert cfg.experiment_name == name
+    assert cfg.output_root == f"results/{name}/runs" and name in cfg.hydra.sweep.dir
+    params = cfg.hydra.sweeper.params or {}
+    assert bool(params) != ("bench" in cfg)                     # a sweep, or a benchmark pointer (Table 4)
+    for group in ("method", "task", "backbone"):                # every swept name has its YAML
+        for option in str(params.get(group, "")).split(",") if group in params else []:
+            assert option in options(group), f"{name}: {group}={option} has no configs/{group}/{option}.yaml"
+    if name.startswith("cpu_") and "bench" not in cfg:
+        assert cfg.backbone.name == "smollm2_135m"
+
+
+def test_every_paper_table_has_a_cpu_twin():
+    assert {"paper_table1", "paper_table2", "paper_table3", "paper_table4", "paper_table6", "paper_table7",
+            "paper_fig2"} <= set(PAPER)
+    for name in PAPER:
+        assert f"cpu_{name[len('paper_'):]}" in EXPERIMENTS
+    assert compose_exp("experiment=paper_table1").backbone.name == "llama2_7b"
+
+
+def test_cpu_twins_use_dev_only_where_the_train_file_is_absent():
+    for task, protocol in [("boolq", "dev_only"), ("squad", "dev_only"), ("qnli", "dev_only"), ("copa", "paper")]:
+        cfg = compose_exp("experiment=cpu_table1", f"task={task}")
+        assert cfg.task.split_protocol == protocol and cfg.task.max_train_samples == 480
+        assert cfg.trainer.max_steps == 60 and cfg.trainer.lr == 1e-4
+
+
+def test_budget_sweep_sets_rank_and_run_name():
+    names = set()
+    for method, ranks in [("parade", [4, 8, 12, 24, 48, 96, 192]), ("lora", [1, 2, 4, 8, 16, 32, 64])]:
+        for step, r in enumerate(ranks):
+            cfg = compose_exp("experiment=paper_fig2", f"method={method}", f"budget_step={step}")
+            assert cfg.method.r == r and cfg.method.name == f"{method}_r{r}"
+            names.add(cfg.method.name)
+    assert len(names) == 14                                     # distinct run directories
+
+
+def test_benchmark_experiment_refuses_to_train():
+    from papeft import runner
+    with pytest.raises(ValueError, match="benchmark"):
+        runner.run_single(compose_exp("experiment=paper_table4"), 0)

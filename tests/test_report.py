@@ -168,3 +168,64 @@ def test_cli_empty_dir_fails_naming_dir(tmp_path):
     assert res.returncode != 0
     assert str(tmp_path) in res.stderr and "metrics.json" in res.stderr
     assert not list(tmp_path.iterdir())
+
+
+def failure(method="b", task="copa", seed=0, **kw) -> dict:
+    return {"status": "failed", "backbone": "smollm2_135m", "method": method, "task": task, "seed": seed,
+            "error_type": "DataError", "error": "boolq/train.jsonl not found\nmore", **kw}
+
+
+def test_iqr_shown_and_failed_cells_never_a_number(tmp_path):
+    recs = [rec("a", seed=i, score=s) for i, s in enumerate([1, 2, 3, 4])] + [rec("b", "rte", score=60)]
+    rows = median_table(recs, [failure("b", "copa", s) for s in range(2)] + [failure("a", "copa", 9)])
+    md, tex = to_markdown(rows, failures=[failure("b")]), to_latex(rows)
+    a_line = next(line for line in md.splitlines() if line.startswith("| smollm2_135m | a |"))
+    b_line = next(line for line in md.splitlines() if line.startswith("| smollm2_135m | b |"))
+    assert "2.5 [1.5]" in a_line and "(n=4, 1 failed)" in a_line      # median [IQR]; 5 expected, 1 failed
+    assert b_line.split("|")[4].strip() == "failed" and "Failed runs:" in md and "DataError" in md
+    assert r"\textit{failed}" in tex and r"\,{\scriptsize[1.5]}" in tex
+    table = {r["method"]: r for r in csv.DictReader(io.StringIO(to_csv(rows)))}
+    assert table["b"]["copa_median"] == "" and table["b"]["copa_failed"] == "2" and table["a"]["copa_iqr"] == "1.5"
+    assert "[" not in to_markdown(rows, iqr=False).split("\n\n")[0].replace("[interquartile", "")
+
+
+def test_failure_with_a_complete_twin_is_not_counted():
+    rows = median_table([rec("a", seed=0)], [failure("a", "copa", 0)])
+    assert cell(rows, "a", "copa").failed == 0 and cell(rows, "a", "copa").n == 1
+
+
+def test_paper_rows_follow_ours_in_the_papers_order(tmp_path):
+    put(tmp_path, "p", rec("parade", "copa", score=70))
+    put(tmp_path, "l", rec("lora", "copa", score=60))
+    put(tmp_path, "r", rec("lora", "rte", score=55))
+    paths = write_tables([tmp_path], tmp_path / "t1", paper="table1")
+    md, tex = paths["md"].read_text(), paths["tex"].read_text()
+    body = [line for line in md.splitlines() if line.startswith("| ")]
+    assert body[0].startswith("| backbone | method | params | rte (accuracy) | copa (accuracy) |")  # paper's order
+    assert [line.split("|")[2].strip() for line in body[1:3]] == ["lora", "parade"]             # paper's row order
+    assert "| llama2_7b (paper) | PARADE | 8.9M | 83.7 | 91.8 |" in md
+    assert "| llama2_7b (paper) | LoRA | 10.0M | 82.6 | 90.7 |" in md
+    assert tex.count(r"\midrule") == 2 and "llama2\\_7b (paper) & (IA)3 & 9.8M & 82.7 & 90.7" in tex
+    assert r"\textbf{70.0}" in tex and r"\textbf{91.8}" not in tex      # marks rank our runs only
+
+
+def test_budget_series_and_figure(tmp_path):
+    from papeft import plots
+    recs = [rec(f"parade_r{r}", "boolq", seed=s, score=60 + r + s, params_trainable_no_bias=1000 * r)
+            for r in (4, 8, 12) for s in range(3)]
+    recs += [rec("lora_r2", "boolq", score=50, params_trainable_no_bias=3000), rec("ia3", "boolq", score=40)]
+    series = report.budget_series(recs)
+    assert list(series) == ["boolq"] and list(series["boolq"]) == ["parade"]      # one budget: no line
+    assert series["boolq"]["parade"][0] == (4000, 65.0, 64.5, 65.5)
+    paths = plots.plot_budget(series["boolq"], tmp_path / "budget-boolq")
+    assert [p.suffix for p in paths] == [".png", ".pdf"] and all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_cli_plots_and_paper(tmp_path):
+    for r in (4, 8):
+        put(tmp_path, f"r{r}", rec(f"parade_r{r}", params_trainable_no_bias=100 * r, score=50 + r))
+    res = run_cli(tmp_path, "--plots", "--paper", "table6", "--no-iqr")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "plots/budget-copa.png").is_file() and (tmp_path / "plots/budget-copa.pdf").is_file()
+    assert "(paper) | PARADE-4" in res.stdout
+    assert run_cli(tmp_path, "--paper", "table5").returncode == 1

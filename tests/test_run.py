@@ -10,7 +10,8 @@ from hydra import compose, initialize_config_dir
 from papeft import runner
 from conftest import REPO
 
-TINY = ["backbone=tiny_llama", "trainer=smoke", "trainer.progress=false", "task.max_eval_samples=4"]
+TINY = ["backbone=tiny_llama", "trainer=smoke", "trainer.progress=false", "task.max_eval_samples=4",
+        "wandb.enabled=false"]
 
 
 def run_py(args, tmp_path, data_root):

@@ -1,6 +1,11 @@
 """The shared trainer: best-checkpoint restore, early stopping, response-only loss."""
+import contextlib
+
+import pytest
 import torch
 
+from papeft.checkpoint import NonFiniteLossError
+from papeft.distributed import Parallel
 from papeft.prompting import Encoded
 from papeft.trainer import Trainer, TrainerConfig
 from papeft.tuners import build_method
@@ -46,3 +51,41 @@ def test_loss_covers_response_tokens_only():
     logp = torch.log_softmax(logits, -1)
     expected = -(logp[3, 9] + logp[4, 2]) / 2            # predicting 9 after the prompt, then the end token
     assert abs(t.dev_loss([ex]) - expected.item()) < 1e-5
+
+
+class TwoRanks(Parallel):
+    """Rank `rank` of a pretend 2-process data-parallel group (no collectives: each rank alone)."""
+
+    def __init__(self, rank):
+        super().__init__("none", "cpu")
+        self.rank, self.world = rank, 2
+
+    def no_sync(self, model, sync):
+        return contextlib.nullcontext()
+
+    def sum(self, *values):
+        return values
+
+
+def test_data_parallel_shards_add_up_to_the_single_process_gradient():
+    """Each rank's loss is scaled by world on its slice; DDP averages: the mean of the ranks'
+    gradients must equal one process's gradient on the whole batch (odd batch: uneven slices)."""
+    batch = data(5, 0)
+    grads = []
+    for parallel in (None, TwoRanks(0), TwoRanks(1)):
+        t = trainer()
+        if parallel is not None:
+            t.parallel = parallel
+        t.model.train()
+        t._accumulate(batch, micro=2)
+        grads.append({n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None})
+    single, r0, r1 = grads
+    assert single and set(single) == set(r0) == set(r1)
+    for name in single:
+        assert torch.allclose((r0[name] + r1[name]) / 2, single[name], atol=1e-6), name
+
+
+def test_non_finite_loss_names_the_step():
+    t = trainer(lr=1e30, warmup_ratio=0.0, max_steps=6, batch_size=4, eval_every=100)
+    with pytest.raises(NonFiniteLossError, match=r"at step 2"):
+        t.fit(data(8, 0), data(4, 1))

@@ -51,3 +51,41 @@ def plot_rational_activations(activations: Sequence[nn.Module],
             fig.savefig(tmp, format=fmt, dpi=150)
         paths.append(path)
     return paths
+
+
+def plot_budget(series: dict[str, Sequence[tuple[float, float, float, float]]], stem: str | Path,
+                title: str | None = None, ylabel: str = "score") -> list[Path]:
+    """PARADE Figure 2: score against tunable parameters, one line per method.
+
+    `series` maps a method to its points `(tunable params, median, q25, q75)`; the band is the
+    interquartile range over seeds. Writes `{stem}.png` and `{stem}.pdf` and returns both paths.
+    """
+    if not series:
+        raise ValueError("plot_budget needs at least one method")
+    fig = Figure(figsize=(4.2, 3.0), layout="constrained")
+    ax = fig.subplots()
+    for i, (method, points) in enumerate(sorted(series.items())):
+        pts = sorted(points)
+        x = [p[0] for p in pts]
+        ax.plot(x, [p[1] for p in pts], marker="o", color=f"C{i}", lw=1.4, label=method)
+        ax.fill_between(x, [p[2] for p in pts], [p[3] for p in pts], color=f"C{i}", alpha=0.15, lw=0)
+    ax.set_xscale("log")
+    ax.set_xlabel("tunable parameters (weights, no biases)")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return save_figure(fig, stem)
+
+
+def save_figure(fig: Figure, stem: str | Path, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+    """Write `{stem}.{fmt}` for each format, atomically; return the paths."""
+    stem = Path(stem)
+    paths = []
+    for fmt in formats:
+        path = stem.with_name(f"{stem.name}.{fmt}")
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=150)
+        paths.append(path)
+    return paths

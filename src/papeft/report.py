@@ -1,39 +1,43 @@
-"""Median tables (Markdown, CSV, LaTeX) over the ``metrics.json`` files of finished runs.
+"""Median tables (Markdown, CSV, LaTeX) and figures over the run directories of a sweep.
 
 Rows are (backbone, method), columns are tasks, and each cell is the median score over
-seeds.  Only records with ``"status": "complete"`` are counted; unreadable or malformed
-files are skipped with a warning naming the file.
+seeds with its interquartile range. Only ``metrics.json`` records with ``"status": "complete"``
+count; unreadable or malformed files are skipped with a warning naming the file. Runs that
+wrote ``failed.json`` are listed and flag their cell (a cell with only failures reads
+``failed``), never as a number. Rendering: papeft.report_format; figures: papeft.plots.
 
-CLI: ``python -m papeft.report <dir> [--out OUTDIR] [--name median]``.
+CLI: ``python -m papeft.report <dir> [--out OUTDIR] [--name median] [--paper table1] [--plots] [--no-iqr]``.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import math
+import os
+import re
 import statistics
 import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from papeft.io import write_text
+from papeft.report_format import (FAILED, LOWER_IS_BETTER, MISSING, expected_seeds, format_params,  # noqa: F401
+                                  params_text, tasks_of, tex_escape, to_csv, to_latex, to_markdown)
 
 REQUIRED = ("backbone", "method", "task", "seed", "metric", "score",
             "params_trainable_no_bias", "status")
-LOWER_IS_BETTER = frozenset({"loss", "perplexity", "ppl", "wer", "ter"})
-MISSING = "–"
+FAILURE_KEYS = ("backbone", "method", "task", "seed")
 
 
 @dataclass
 class Cell:
-    """Aggregate of one (backbone, method, task) over its seeds."""
+    """Aggregate of one (backbone, method, task) over its seeds; `failed` counts failed runs."""
 
-    metric: str
+    metric: str | None
     scores: list[float]
+    failed: int = 0
 
     @property
     def n(self) -> int:
@@ -65,6 +69,14 @@ def quantile(values: Sequence[float], q: float) -> float:
     lo = math.floor(pos)
     hi = min(lo + 1, len(xs) - 1)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def read_json(path: Path) -> Any:
+    """The parsed file, or None when it is absent or unreadable."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
 
 
 def _problem(rec: object) -> str | None:
@@ -110,11 +122,30 @@ def collect(root: str | Path) -> list[dict]:
     return records
 
 
+def collect_failures(root: str | Path) -> list[dict]:
+    """Every ``failed.json`` under ``root`` (runs that raised; papeft.runner writes them)."""
+    root = Path(root)
+    if root.is_file():
+        return []
+    out = []
+    for path in sorted(root.rglob("failed.json")):
+        rec = read_json(path)
+        if isinstance(rec, dict) and all(k in rec for k in FAILURE_KEYS):
+            out.append({**rec, "_source": str(path)})
+        else:
+            warnings.warn(f"skipping {path}: not a failure record", stacklevel=2)
+    return out
+
+
+def _key(rec: dict) -> tuple:
+    return (str(rec["backbone"]), str(rec["method"]), str(rec["task"]), rec["seed"])
+
+
 def _dedupe(records: list[dict]) -> list[dict]:
     """Keep one record per (backbone, method, task, seed): the newest file by mtime."""
     best: dict[tuple, tuple[tuple[float, int], dict]] = {}
     for i, rec in enumerate(records):
-        key = (rec["backbone"], rec["method"], rec["task"], rec["seed"])
+        key = _key(rec)
         rank = (rec.get("_mtime", -math.inf), i)
         if key in best:
             old = best[key][1]
@@ -128,21 +159,32 @@ def _dedupe(records: list[dict]) -> list[dict]:
     return [rec for _, rec in best.values()]
 
 
-def median_table(records: Iterable[dict]) -> list[Row]:
-    """Group complete records into rows sorted by (backbone, method)."""
-    good = [r for r in records
-            if _usable(r, str(r.get("_source", "<dict>")) if isinstance(r, dict) else "<record>")]
+def median_table(records: Iterable[dict], failures: Iterable[dict] = (), order: Sequence[str] = ()) -> list[Row]:
+    """Group complete records (and failed runs without a complete twin) into rows, sorted by
+    (backbone, position of the method in `order`, method)."""
+    good = _dedupe([r for r in records
+                    if _usable(r, str(r.get("_source", "<dict>")) if isinstance(r, dict) else "<record>")])
     rows: dict[tuple[str, str], Row] = {}
-    for rec in _dedupe(good):
+    for rec in good:
         key = (str(rec["backbone"]), str(rec["method"]))
         row = rows.setdefault(key, Row(*key))
         row.params.append(int(rec["params_trainable_no_bias"]))
         cell = row.cells.setdefault(str(rec["task"]), Cell(str(rec["metric"]), []))
-        if str(rec["metric"]) != cell.metric:
+        if cell.metric is None:
+            cell.metric = str(rec["metric"])
+        elif str(rec["metric"]) != cell.metric:
             warnings.warn(f"task {rec['task']!r} reports metrics {cell.metric!r} and "
                           f"{rec['metric']!r}; using {cell.metric!r}", stacklevel=2)
         cell.scores.append(float(rec["score"]))
-    return [rows[k] for k in sorted(rows)]
+    done = {_key(r) for r in good}
+    for fail in failures:
+        if _key(fail) in done:
+            continue
+        key = (str(fail["backbone"]), str(fail["method"]))
+        row = rows.setdefault(key, Row(*key))
+        row.cells.setdefault(str(fail["task"]), Cell(None, [])).failed += 1
+    rank = {m: i for i, m in enumerate(order)}
+    return [rows[k] for k in sorted(rows, key=lambda k: (k[0], rank.get(k[1], len(rank)), k[1]))]
 
 
 def collect_notes(records: Iterable[dict]) -> list[str]:
@@ -156,130 +198,52 @@ def collect_notes(records: Iterable[dict]) -> list[str]:
     return list(notes)
 
 
-def format_params(n: int) -> str:
-    """8950000 -> '8.95M', 123400 -> '123.4K', 512 -> '512'."""
-    if n >= 1e9:
-        return f"{n / 1e9:.2f}B"
-    if n >= 1e6:
-        return f"{n / 1e6:.2f}M"
-    if n >= 1e3:
-        return f"{n / 1e3:.1f}K"
-    return str(n)
+def method_family(rec: dict) -> str:
+    """The method a budget sweep varies: `parade_r24` -> `parade` (names without `_r<N>` stay)."""
+    return re.sub(r"_r\d+$", "", str(rec["method"]))
 
 
-def _params_text(row: Row) -> str:
-    lo, hi = min(row.params), max(row.params)
-    return format_params(lo) if lo == hi else f"{format_params(lo)}–{format_params(hi)}"
+def budget_series(records: Iterable[dict]) -> dict[str, dict[str, list[tuple[int, float, float, float]]]]:
+    """task -> method family -> [(tunable params, median, q25, q75)] sorted by params; only
+    families with at least two budgets (Figure 2: score against tunable parameters)."""
+    groups: dict[tuple, list[float]] = {}
+    for rec in _dedupe([r for r in records if _usable(r, str(r.get("_source", "<dict>")))]):
+        key = (str(rec["task"]), method_family(rec), int(rec["params_trainable_no_bias"]))
+        groups.setdefault(key, []).append(float(rec["score"]))
+    out: dict[str, dict[str, list]] = {}
+    for (task, family, params), scores in sorted(groups.items()):
+        out.setdefault(task, {}).setdefault(family, []).append(
+            (params, statistics.median(scores), quantile(scores, 0.25), quantile(scores, 0.75)))
+    return {t: {f: pts for f, pts in fams.items() if len(pts) > 1} for t, fams in out.items()
+            if any(len(pts) > 1 for pts in fams.values())}
 
 
-def _tasks(rows: list[Row]) -> list[tuple[str, str]]:
-    """Sorted (task, metric) pairs present in any row."""
-    found: dict[str, str] = {}
-    for row in rows:
-        for task, cell in row.cells.items():
-            found.setdefault(task, cell.metric)
-    return sorted(found.items())
-
-
-def _ranks(rows: list[Row], task: str, metric: str) -> dict[str, int]:
-    """Map each displayed value of a column to 1 (best) or 2 (second); needs >= 2 values."""
-    shown = {f"{r.cells[task].median:.1f}" for r in rows if task in r.cells}
-    if sum(task in r.cells for r in rows) < 2:
-        return {}
-    order = sorted(shown, key=float, reverse=metric.lower() not in LOWER_IS_BETTER)
-    return {v: i + 1 for i, v in enumerate(order[:2])}
-
-
-def _cells(rows: list[Row], bold, underline) -> list[list[str]]:
-    """Formatted task cells per row, with best/second marks and (n=k) flags."""
-    max_n = max((c.n for r in rows for c in r.cells.values()), default=0)
-    out = [[] for _ in rows]
-    for task, metric in _tasks(rows):
-        ranks = _ranks(rows, task, metric)
-        for cells, row in zip(out, rows):
-            cell = row.cells.get(task)
-            if cell is None:
-                cells.append(MISSING)
-                continue
-            text = f"{cell.median:.1f}"
-            text = {1: bold, 2: underline}.get(ranks.get(text), str)(text)
-            cells.append(text if cell.n >= max_n else f"{text} (n={cell.n})")
-    return out
-
-
-def to_markdown(rows: list[Row], notes: Sequence[str] = ()) -> str:
-    """Markdown table (best per column in bold, second in italics) plus a notes list."""
-    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
-    head = ["backbone", "method", "params"] + [f"{t} ({m})" for t, m in _tasks(rows)]
-    lines = ["| " + " | ".join(map(esc, head)) + " |",
-             "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
-    body = _cells(rows, lambda s: f"**{s}**", lambda s: f"_{s}_")
-    for row, cells in zip(rows, body):
-        lines.append("| " + " | ".join([esc(row.backbone), esc(row.method), _params_text(row)]
-                                       + cells) + " |")
-    lines += ["", "Median over seeds; `(n=k)` marks cells with fewer seeds than the maximum; "
-              f"`{MISSING}` marks a cell with no complete run."]
-    if notes:
-        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
-    return "\n".join(lines) + "\n"
-
-
-def to_csv(rows: list[Row]) -> str:
-    """Machine-readable CSV: median, n and IQR per task; missing cells left empty."""
-    tasks = [t for t, _ in _tasks(rows)]
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["backbone", "method", "params"]
-                    + [f"{t}_{s}" for t in tasks for s in ("median", "n", "iqr")])
-    for row in rows:
-        vals: list[object] = [row.backbone, row.method, max(row.params)]
-        for t in tasks:
-            c = row.cells.get(t)
-            vals += ["", "", ""] if c is None else [round(c.median, 4), c.n, round(c.iqr, 4)]
-        writer.writerow(vals)
-    return buf.getvalue()
-
-
-_TEX = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#",
-        "$": r"\$", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
-
-
-def tex_escape(text: str) -> str:
-    """Escape LaTeX special characters."""
-    return "".join(_TEX.get(ch, ch) for ch in str(text))
-
-
-def to_latex(rows: list[Row], notes: Sequence[str] = ()) -> str:
-    """booktabs ``tabular``: best per column bold, second underlined; notes below."""
-    tasks = _tasks(rows)
-    head = ["Backbone", "Method", "Params"] + [tex_escape(f"{t} ({m})") for t, m in tasks]
-    lines = [r"\begin{tabular}{ll" + "r" * (len(tasks) + 1) + "}", r"\toprule",
-             " & ".join(head) + r" \\", r"\midrule"]
-    body = _cells(rows, lambda s: rf"\textbf{{{s}}}", lambda s: rf"\underline{{{s}}}")
-    for row, cells in zip(rows, body):
-        lines.append(" & ".join([tex_escape(row.backbone), tex_escape(row.method),
-                                 tex_escape(_params_text(row))] + cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    lines += [rf"\par\footnotesize {tex_escape(n)}" for n in notes]
-    return "\n".join(lines) + "\n"
-
-
-def write_tables(run_dirs_or_metrics: Sequence[Path | str | dict], out_stem: Path | str
-                 ) -> dict[str, Path]:
+def write_tables(run_dirs_or_metrics: Sequence[Path | str | dict], out_stem: Path | str,
+                 paper: str | None = None, iqr: bool = True) -> dict[str, Path]:
     """Write ``<out_stem>.md/.csv/.tex`` (atomically) from run dirs, metrics files or dicts.
 
-    Directories are scanned recursively for ``metrics.json``. Raises ``ValueError`` when
-    no complete run is found.
+    Directories are scanned recursively for ``metrics.json`` and ``failed.json``. `paper` names a
+    table of papeft.paper_numbers printed under ours. Raises ``ValueError`` when there is no run.
     """
+    from papeft.paper_numbers import get_table
     records: list[dict] = []
+    failures: list[dict] = []
     for item in run_dirs_or_metrics:
-        records += [item] if isinstance(item, dict) else collect(item)
-    rows = median_table(records)
+        if isinstance(item, dict):
+            records.append(item)
+        else:
+            records += collect(item)
+            failures += collect_failures(item)
+    table = get_table(paper) if paper else None
+    rows = median_table(records, failures, order=[r.method for r in table.rows] if table else ())
     if not rows:
-        raise ValueError("no complete runs to tabulate")
+        raise ValueError("no complete or failed runs to tabulate")
+    done = {_key(r) for r in records if isinstance(r, dict) and not _problem(r)}
+    failures = [f for f in failures if _key(f) not in done]
     notes = collect_notes(records)
     stem = Path(out_stem)
-    texts = {"md": to_markdown(rows, notes), "csv": to_csv(rows), "tex": to_latex(rows, notes)}
+    texts = {"md": to_markdown(rows, notes, table, failures, iqr), "csv": to_csv(rows, table),
+             "tex": to_latex(rows, notes, table, iqr)}
     paths = {}
     for ext, text in texts.items():
         paths[ext] = stem.with_name(f"{stem.name}.{ext}")
@@ -287,25 +251,61 @@ def write_tables(run_dirs_or_metrics: Sequence[Path | str | dict], out_stem: Pat
     return paths
 
 
+def write_plots(root: Path, out_dir: Path) -> list[Path]:
+    """Figure 2 (score against tunable parameters, one panel per task) as PNG and PDF, plus an
+    index linking every per-run figure (PEDRO's learned activations) found in the runs' artifacts."""
+    from papeft.plots import plot_budget
+    records = collect(root)
+    written: list[Path] = []
+    for task, series in budget_series(records).items():
+        metric = next(r["metric"] for r in records if r["task"] == task)
+        written += plot_budget(series, out_dir / f"budget-{task}", title=f"{task}: score against tunable parameters",
+                               ylabel=metric)
+    figures = sorted({Path(a) for r in records for a in r.get("artifacts") or [] if str(a).endswith((".png", ".pdf"))})
+    figures = [f for f in figures if f.exists()]
+    if written or figures:
+        lines = ["# Figures", ""] + [f"- [{p.name}]({p.name})" for p in written]
+        if figures:
+            lines += ["", "## Per-run figures", ""]
+            lines += [f"- [{_rel(f, out_dir)}]({_rel(f, out_dir)})" for f in figures]
+        index = out_dir / "index.md"
+        write_text(index, "\n".join(lines) + "\n")
+        written.append(index)
+    return written
+
+
+def _rel(path: Path, start: Path) -> str:
+    return os.path.relpath(path.resolve(), start.resolve())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status."""
     ap = argparse.ArgumentParser(prog="python -m papeft.report", description=__doc__.split("\n")[0])
-    ap.add_argument("dir", type=Path, help="directory scanned recursively for metrics.json")
+    ap.add_argument("dir", type=Path, help="directory scanned recursively for metrics.json and failed.json")
     ap.add_argument("--out", type=Path, default=None, help="output directory (default: dir)")
     ap.add_argument("--name", default="median", help="output file stem (default: median)")
+    ap.add_argument("--paper", default=None, help="print the paper's numbers under ours: table1, table2, table3, "
+                                                  "table6, table7_gpt2_large, table7_pythia_1_4b")
+    ap.add_argument("--plots", action="store_true", help="also write figures (PNG + PDF) under OUT/plots/")
+    ap.add_argument("--no-iqr", dest="iqr", action="store_false", help="medians only (the paper's layout)")
     args = ap.parse_args(argv)
     if not args.dir.is_dir():
         print(f"error: {args.dir} is not a directory", file=sys.stderr)
         return 2
-    if not any(args.dir.rglob("metrics.json")):
+    if not any(args.dir.rglob("metrics.json")) and not any(args.dir.rglob("failed.json")):
         print(f"error: no metrics.json found under {args.dir}", file=sys.stderr)
         return 1
+    out = args.out or args.dir
     try:
-        paths = write_tables([args.dir], (args.out or args.dir) / args.name)
-    except ValueError as exc:
+        paths = write_tables([args.dir], out / args.name, paper=args.paper, iqr=args.iqr)
+    except (ValueError, KeyError) as exc:
         print(f"error: {exc} under {args.dir}", file=sys.stderr)
         return 1
     print(paths["md"].read_text(encoding="utf-8"), end="")
+    if args.plots:
+        figures = write_plots(args.dir, out / "plots")
+        print("\nfigures:", ", ".join(str(p) for p in figures) if figures else
+              "none (no method has runs at two or more budgets, and no run wrote a figure)")
     return 0
 
 

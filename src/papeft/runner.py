@@ -4,11 +4,23 @@ Run directory `{output_root}/{backbone}/{method}/{task}/seed{seed}/` holds
 `config.yaml` (resolved), `adapter/` (safetensors + config), `predictions.jsonl`
 and, written last and atomically, `metrics.json`: a run that dies leaves no
 `metrics.json`, so nothing downstream mistakes it for a finished one.
+
+Sweeps that survive (`resume: auto`, the default):
+* a cell whose `metrics.json` is complete and carries the same config hash is skipped;
+* an unfinished cell resumes from `checkpoint/last.safetensors` (papeft.checkpoint), which is
+  deleted once `metrics.json` is written;
+* a cell that raises writes `failed.json` (error, traceback, checkpoint step). In a Hydra
+  multirun the job then returns, so the other cells go on; a single run re-raises.
+`resume: never` starts every cell from scratch. Every run logs to wandb (offline unless
+WANDB_MODE says otherwise) unless `wandb.enabled: false`.
 """
 from __future__ import annotations
 
+import datetime
 import logging
+import os
 import random
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +28,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from papeft.backbones import load_backbone
+from papeft.checkpoint import CHECKPOINT_DIR, Checkpointer, Preempted, config_hash, peek_step
+from papeft.distributed import Parallel
 from papeft.io import write_json, write_jsonl, write_text
 from papeft.prompting import PromptFormatter
-from papeft.report import write_tables
+from papeft.report import read_json, write_tables
 from papeft.tasks import get_task
 from papeft.trainer import Trainer, TrainerConfig
 from papeft.tuners import build_method
 from papeft.tuners.base import make_config
 
 log = logging.getLogger(__name__)
+
+METRICS, FAILED = "metrics.json", "failed.json"
+RESUME_MODES = ("auto", "never")
 
 
 def parse_seeds(value) -> list[int]:
@@ -53,59 +70,187 @@ def run_dir_for(cfg: DictConfig, seed: int) -> Path:
     return Path(cfg.output_root) / cfg.backbone.name / cfg.method.name / cfg.task.name / f"seed{seed}"
 
 
-def run_single(cfg: DictConfig, seed: int) -> dict:
-    out = run_dir_for(cfg, seed)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").unlink(missing_ok=True)           # never leave a stale "finished" marker
+def resolved_config(cfg: DictConfig, seed: int) -> dict:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["seed"] = seed
-    write_text(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
-    seed_everything(seed)
+    return resolved
 
+
+def finished_metrics(run_dir: Path, chash: str) -> dict | None:
+    """The run's metrics when it finished with this config hash, else None."""
+    rec = read_json(run_dir / METRICS)
+    if isinstance(rec, dict) and rec.get("status") == "complete" and rec.get("config_hash") == chash:
+        return rec
+    return None
+
+
+def in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+class WandbRun:
+    """wandb for one run, on the main process: resolved config, train/dev loss per evaluation, final
+    metrics. Mode: `wandb.mode` (defaults to $WANDB_MODE, else offline). Logging never fails a run."""
+
+    def __init__(self, run=None):
+        self.run = run
+
+    @classmethod
+    def start(cls, cfg: DictConfig, resolved: dict, run_dir: Path, chash: str, seed: int) -> "WandbRun":
+        w = cfg.get("wandb")
+        if w is None or not w.get("enabled", False):
+            return cls()
+        try:
+            import wandb
+            directory = Path(w.get("dir") or run_dir)
+            directory.mkdir(parents=True, exist_ok=True)
+            experiment = cfg.get("experiment_name") or "adhoc"
+            run = wandb.init(project=w.project, entity=w.get("entity"), group=experiment,
+                             name=f"{cfg.backbone.name}/{cfg.method.name}/{cfg.task.name}/seed{seed}",
+                             id=f"{experiment}-{chash}"[:64], resume="allow", config=resolved,
+                             dir=str(directory), mode=w.get("mode") or "offline", tags=list(w.get("tags") or []),
+                             job_type=cfg.method.name)
+            return cls(run)
+        except Exception as exc:                       # noqa: BLE001  logging must not cost the run
+            log.warning("wandb off for this run: %s", exc)
+            return cls()
+
+    def log_eval(self, record: dict) -> None:
+        if self.run is not None:
+            self.run.log({"train/loss": record["train_loss"], "dev/loss": record["dev_loss"],
+                          "train/lr": record.get("lr")}, step=record["step"])
+
+    def finish(self, summary: dict | None = None, exit_code: int = 0) -> None:
+        if self.run is None:
+            return
+        if summary:
+            self.run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))})
+        self.run.finish(exit_code=exit_code)
+        self.run = None
+
+
+def run_single(cfg: DictConfig, seed: int, raise_on_failure: bool = True) -> dict | None:
+    """Train and test one cell; skip it when it finished before; record a failure in failed.json."""
+    if cfg.get("bench") is not None:
+        raise ValueError(f"experiment {cfg.get('experiment_name')!r} is a benchmark, not a training sweep: "
+                         "see the comment at the top of its config")
+    resume = str(cfg.get("resume", "auto"))
+    if resume not in RESUME_MODES:
+        raise ValueError(f"resume={resume!r}; expected one of {RESUME_MODES}")
+    out = run_dir_for(cfg, seed)
+    resolved = resolved_config(cfg, seed)
+    chash = config_hash(resolved)
+    label = f"[{cfg.backbone.name} / {cfg.method.name} / {cfg.task.name} / seed {seed}]"
+    if resume == "auto" and (done := finished_metrics(out, chash)):
+        print(f"{label} finished earlier with this config ({chash}): skipped -> {out}")
+        return done
+    parallel = Parallel(str(cfg.trainer.get("distributed", "none")), str(cfg.trainer.get("device", "auto")))
+    checkpointer = Checkpointer(out / CHECKPOINT_DIR, chash, int(cfg.trainer.get("checkpoint_every") or 0),
+                                write=parallel.is_main)
+    if parallel.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / METRICS).unlink(missing_ok=True)           # never leave a stale "finished" marker
+        (out / FAILED).unlink(missing_ok=True)
+        if resume == "never":
+            checkpointer.clear()
+        write_text(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    parallel.barrier()
+    tracker = WandbRun.start(cfg, resolved, out, chash, seed) if parallel.is_main else WandbRun()
+    try:
+        metrics = _train_and_test(cfg, seed, out, chash, parallel, checkpointer, tracker)
+    except Preempted as exc:
+        tracker.finish(exit_code=1)
+        log.warning("%s %s; the same command resumes it", label, exc)
+        raise
+    except Exception as exc:                            # noqa: BLE001  recorded, then re-raised or returned
+        tracker.finish(exit_code=1)
+        if parallel.is_main:
+            _record_failure(cfg, seed, out, chash, exc)
+        log.error("%s failed: %s: %s (see %s)", label, type(exc).__name__, exc, out / FAILED)
+        if raise_on_failure:
+            raise
+        return None
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
+    tracker.finish(summary={"test/score": metrics["score"], "best_dev_loss": metrics["best_dev_loss"],
+                            "params_trainable_no_bias": metrics["params_trainable_no_bias"]})
+    if parallel.is_main:
+        print(f"{label} test {metrics['metric']} = {metrics['score']:.2f}  ({metrics['n_test']} examples) -> {out}")
+    return metrics
+
+
+def _train_and_test(cfg: DictConfig, seed: int, out: Path, chash: str, parallel: Parallel,
+                    checkpointer: Checkpointer, tracker: WandbRun) -> dict:
+    seed_everything(seed)
     task = get_task(cfg.task.name)
     splits = task.load(cfg.task, cfg.data.root)
     log.info("%s: %d train / %d dev / %d test", task.name, len(splits.train), len(splits.dev), len(splits.test))
     model, tok = load_backbone(OmegaConf.to_container(cfg.backbone, resolve=True))
     adapted = build_method(model, OmegaConf.to_container(cfg.method, resolve=True))
+    if hasattr(adapted, "set_tokenizer"):           # methods that read prompt text (LoPA's MiniLM encoder)
+        adapted.set_tokenizer(tok)
     tcfg = make_config(TrainerConfig, OmegaConf.to_container(cfg.trainer, resolve=True), where="trainer")
     fmt = PromptFormatter(tok, cfg.backbone.chat_template, cfg.backbone.get("system_prompt"), tcfg.max_length)
     enc = {name: [fmt.encode(e.prompt, e.response) for e in getattr(splits, name)] for name in ("train", "dev")}
 
-    trainer = Trainer(adapted, tcfg, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, seed=seed)
-    fit = trainer.fit(enc["train"], enc["dev"], save_dir=out / "adapter")
+    trainer = Trainer(adapted, tcfg, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, seed=seed,
+                      checkpointer=checkpointer, on_eval=tracker.log_eval, parallel=parallel)
+    fit = trainer.fit(enc["train"], enc["dev"], save_dir=out / "adapter" if parallel.is_main else None)
 
     def generate(prompts: list) -> list[str]:
-        return trainer.predict([fmt.encode(p) for p in prompts], tok, int(cfg.task.max_new_tokens))
+        budget = min(int(cfg.task.max_new_tokens), tcfg.max_new_tokens or int(cfg.task.max_new_tokens))
+        return trainer.predict([fmt.encode(p) for p in prompts], tok, budget)
 
     result = task.evaluate(generate, splits.test)
-    score = result.score
-    write_jsonl(out / "predictions.jsonl", result.rows)
-    artifacts = [str(p) for p in adapted.write_artifacts(out)]
     metrics = {
-        "backbone": cfg.backbone.name, "method": cfg.method.name, "task": task.name, "seed": seed,
-        "metric": task.metric, "score": score, "metrics": result.metrics, **adapted.param_counts(),
+        "backbone": cfg.backbone.name, "method": cfg.method.name, "method_type": cfg.method.get("type"),
+        "task": task.name, "seed": seed, "experiment": cfg.get("experiment_name"), "config_hash": chash,
+        "metric": task.metric, "score": result.score, "metrics": result.metrics, **adapted.param_counts(),
         "train_time_s": fit["train_time_s"], "train_tokens_per_s": fit["train_tokens_per_s"],
         "steps": fit["steps"], "stopped_early": fit["stopped_early"], "batch_size": fit["batch_size"],
-        "best_step": fit["best_step"],
+        "best_step": fit["best_step"], "resumed_from_step": fit["resumed_from_step"],
         "best_dev_loss": fit["best_dev_loss"], "dev_history": fit["history"],
         "n_train": len(splits.train), "n_dev": len(splits.dev), "n_test": len(splits.test),
         "split_protocol": cfg.task.split_protocol, "notes": list(splits.notes),
-        "num_beams": tcfg.num_beams, "device": str(trainer.device), "artifacts": artifacts,
-        "status": "complete",
+        "num_beams": tcfg.num_beams, **parallel.describe(), "status": "complete",
     }
-    write_json(out / "metrics.json", metrics)
-    print(f"[{cfg.backbone.name} / {cfg.method.name} / {task.name} / seed {seed}] "
-          f"test {task.metric} = {score:.2f}  ({len(splits.test)} examples) -> {out}")
+    if parallel.is_main:
+        write_jsonl(out / "predictions.jsonl", result.rows)
+        metrics["artifacts"] = [str(p) for p in adapted.write_artifacts(out)]
+        write_json(out / METRICS, metrics)
+        checkpointer.clear()                               # the run is final: its checkpoint is dead weight
+    parallel.barrier()
     return metrics
 
 
+def _record_failure(cfg: DictConfig, seed: int, out: Path, chash: str, exc: BaseException) -> None:
+    write_json(out / FAILED, {
+        "status": "failed", "backbone": cfg.backbone.name, "method": cfg.method.name, "task": cfg.task.name,
+        "seed": seed, "experiment": cfg.get("experiment_name"), "config_hash": chash,
+        "error_type": type(exc).__name__, "error": str(exc), "traceback": traceback.format_exc(),
+        "checkpoint_step": peek_step(out), "host": os.uname().nodename,
+        "time": datetime.datetime.now().isoformat(timespec="seconds")})
+
+
 def run(cfg: DictConfig) -> list[dict]:
-    """Every seed of `cfg.seed`; with more than one, also the median table under results/tables/."""
+    """Every seed of `cfg.seed`; with more than one, also the median table under results/tables/.
+
+    A failing seed does not stop the others; in a single (non-multirun) run the failure is
+    re-raised at the end, so the exit status says so.
+    """
     seeds = parse_seeds(cfg.seed)
-    results = [run_single(cfg, s) for s in seeds]
-    if len(seeds) > 1:
-        stem = Path(cfg.tables_root) / f"{cfg.backbone.name}-{cfg.method.name}-{cfg.task.name}-seeds{seeds[0]}-{seeds[-1]}"
+    multirun = in_multirun()
+    results = {s: run_single(cfg, s, raise_on_failure=len(seeds) == 1 and not multirun) for s in seeds}
+    if len(seeds) > 1 and any(results.values()) and Parallel.is_main_process():
+        name = f"{cfg.backbone.name}-{cfg.method.name}-{cfg.task.name}-seeds{seeds[0]}-{seeds[-1]}"
+        stem = Path(cfg.tables_root) / name
         paths = write_tables([run_dir_for(cfg, s) for s in seeds], stem)
         print(Path(paths["md"]).read_text())
         print("tables:", ", ".join(str(p) for p in paths.values()))
-    return results
+    failed = [s for s, m in results.items() if m is None]
+    if failed and not multirun:
+        raise RuntimeError(f"seeds {failed} failed: see {FAILED} in their run directories")
+    return [m for m in results.values() if m is not None]

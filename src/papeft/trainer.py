@@ -1,4 +1,4 @@
-"""The one trainer every method shares (PARADE Appendix E protocol).
+"""The one trainer every method shares (PARADE Appendix E protocol), resumable at any step.
 
 AdamW, linear decay with 6% warm-up, at most `max_epochs` epochs (or
 `max_steps`), dev loss every `eval_every` optimizer steps, early stopping after
@@ -7,17 +7,28 @@ the trainable weights predicts the test set by generation (beam 3 by default).
 The loss covers response tokens only. `batch_size: auto` is the paper's rule:
 16 when the training set has under 10k examples, else 128; micro-batches with
 gradient accumulation keep memory bounded.
+
+Resuming (papeft.checkpoint): with a `Checkpointer`, the full training state is saved every
+`checkpoint_every` steps, when training ends, and on a pre-emption signal; `fit` starts from it
+when one exists for the same config, and replays exactly what an uninterrupted run would do.
+A NaN/inf loss or gradient norm stops the run (`NonFiniteLossError`, naming the step) without
+touching the last good checkpoint. A method with state outside its trainable weights can
+expose it as `resume_state() -> dict[str, Tensor]` / `load_resume_state(tensors)`.
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from papeft.checkpoint import (Checkpointer, NonFiniteLossError, PreemptionGuard, load_optimizer_state,
+                               optimizer_state, prefixed, rng_state, set_rng_state, unprefixed)
+from papeft.distributed import Parallel, pick_device  # noqa: F401  (pick_device: public here too)
 from papeft.prompting import Encoded, collate_prompts, collate_train
 from papeft.tuners.base import AdaptedModel
 
@@ -37,8 +48,11 @@ class TrainerConfig:
     patience: int = 10
     max_grad_norm: float = 1.0
     num_beams: int = 3
+    max_new_tokens: int | None = None    # caps every task's generation budget (trainer=smoke)
     device: str = "auto"
     progress: bool = True
+    checkpoint_every: int = 0            # steps between resumable checkpoints; 0: only at the end and on pre-emption
+    distributed: str = "none"            # none | accelerate (under `accelerate launch` / `torchrun`)
 
     def effective_batch_size(self, n_train: int) -> int:
         if self.batch_size == "auto":
@@ -46,10 +60,21 @@ class TrainerConfig:
         return int(self.batch_size)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+@dataclass
+class TrainState:
+    """Everything of the training loop a resumed run needs besides tensors (JSON in the checkpoint)."""
+
+    step: int = 0
+    order: list[int] = field(default_factory=list)     # this epoch's example order
+    pos: int = 0                                       # batches of `order` already consumed
+    history: list[dict] = field(default_factory=list)
+    best_dev_loss: float | None = None
+    best_step: int = 0
+    bad_evals: int = 0
+    tokens: int = 0
+    elapsed_s: float = 0.0
+    stopped_early: bool = False
+    finished: bool = False
 
 
 def _to(batch: dict, device) -> dict:
@@ -61,11 +86,38 @@ def _chunks(items: list, size: int):
         yield items[i:i + size]
 
 
+class OuterStepper:
+    """Bi-level optimisation (our reading of PEDRO, first-order DARTS): one outer step per call on
+    the next batch of D_val, a fixed slice of train (`val_fraction`, not the run seed)."""
+
+    def __init__(self, trainer: "Trainer", params: list, d_val: list[Encoded], micro: int, opts: dict):
+        self.trainer, self.params, self.d_val, self.micro = trainer, params, d_val, micro
+        self.optimizer = torch.optim.AdamW(params, lr=opts["lr"], weight_decay=opts["weight_decay"])
+        self.batch_size = trainer.cfg.effective_batch_size(len(d_val))
+        self.pos = 0
+
+    def __call__(self) -> None:
+        model = self.trainer.model
+        model.zero_grad(set_to_none=True)    # drop what the D_train batch left on outer params
+        batch = [self.d_val[(self.pos + i) % len(self.d_val)] for i in range(min(self.batch_size, len(self.d_val)))]
+        self.pos = (self.pos + len(batch)) % len(self.d_val)
+        self.trainer._accumulate(batch, self.micro)
+        torch.nn.utils.clip_grad_norm_(self.params, self.trainer.cfg.max_grad_norm)
+        self.optimizer.step()
+        model.zero_grad(set_to_none=True)    # the outer batch never updates inner weights
+
+
 class Trainer:
-    def __init__(self, model: AdaptedModel, cfg: TrainerConfig, pad_id: int, eos_id: int, seed: int):
+    def __init__(self, model: AdaptedModel, cfg: TrainerConfig, pad_id: int, eos_id: int, seed: int,
+                 checkpointer: Checkpointer | None = None, on_eval: Callable[[dict], None] | None = None,
+                 parallel: Parallel | None = None):
         self.model, self.cfg, self.pad_id, self.eos_id, self.seed = model, cfg, pad_id, eos_id, seed
-        self.device = pick_device(cfg.device)
+        self.checkpointer, self.on_eval = checkpointer, on_eval
+        self.parallel = parallel or Parallel(cfg.distributed, cfg.device)
+        self.device = self.parallel.device
         self.model.to(self.device)
+        self.train_model = self.parallel.wrap(self.model)     # the model itself on one process
+        self._best: dict[str, torch.Tensor] | None = None
 
     # ---- training --------------------------------------------------------
     def fit(self, train: list[Encoded], dev: list[Encoded], save_dir=None) -> dict:
@@ -85,97 +137,168 @@ class Trainer:
         outer_step = None
         if outer:
             outer_step, train = self._outer_stepper(outer, train, micro)
+        parts = {"opt": opt, "sched": sched, "gen": gen, "outer": outer_step}
 
-        best = {"dev_loss": math.inf, "step": 0, "state": None}
-        history, bad_evals, step, tokens, stopped_early = [], 0, 0, 0, False
-        bar = tqdm(total=total, desc="train", disable=not cfg.progress)
-        start = time.perf_counter()
-        self.model.train()
         self.model.on_train_begin(total)
-        while step < total and not stopped_early:
-            order = torch.randperm(len(train), generator=gen).tolist()
-            for idx in _chunks(order, bs):
-                if step >= total:
+        st, self._best = TrainState(), None
+        resumed_from = self._restore(st, parts)
+        bar = tqdm(total=total, initial=st.step, desc="train", disable=not cfg.progress or not self.parallel.is_main)
+        self._start = time.perf_counter() - st.elapsed_s
+        self.model.train()
+        with PreemptionGuard() as guard:
+            while not st.finished:
+                if st.step >= total or st.stopped_early:
+                    st.finished = True
+                    self._save(st, parts)
                     break
-                loss_sum, n_tok = self._accumulate([train[i] for i in idx], micro)
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                opt.step()
-                sched.step()
-                step += 1
-                self.model.on_step_end(step)
-                opt.zero_grad(set_to_none=True)
-                if outer_step is not None:
-                    outer_step()
-                tokens += n_tok
+                if st.pos * bs >= len(st.order):                  # a new epoch
+                    st.order, st.pos = torch.randperm(len(train), generator=gen).tolist(), 0
+                idx = st.order[st.pos * bs:(st.pos + 1) * bs]
+                st.pos += 1
+                loss_sum = self._step([train[i] for i in idx], micro, params, st, parts)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum:.4f}")
-                if dev and (step % cfg.eval_every == 0 or step == total):
-                    dl = self.dev_loss(dev)
-                    history.append({"step": step, "train_loss": loss_sum, "dev_loss": dl})
-                    self.model.train()
-                    if dl < best["dev_loss"]:
-                        best.update(dev_loss=dl, step=step, state={
-                            k: v.detach().clone() for k, v in self.model.trainable_state_dict().items()})
-                        bad_evals = 0
-                        if save_dir is not None:
-                            self.model.save_adapter(save_dir)
-                    else:
-                        bad_evals += 1
-                        if bad_evals >= cfg.patience:
-                            stopped_early = True
-                            break
+                if dev and (st.step % cfg.eval_every == 0 or st.step == total):
+                    self._evaluate(st, dev, loss_sum, save_dir, sched)
+                last = st.step >= total or st.stopped_early               # the final save follows
+                if self.checkpointer is not None and self.checkpointer.due(st.step) and not last:
+                    self._save(st, parts)
+                if self.parallel.any(guard.signum is not None):
+                    self._save(st, parts)
+                    self.parallel.barrier()
+                    guard.handover(st.step)
         bar.close()
-        train_time = time.perf_counter() - start
+        train_time = time.perf_counter() - self._start
         self.model.eval()
-        if best["state"] is not None:
-            self.model.load_trainable_state_dict(best["state"])
-        elif save_dir is not None:
-            self.model.save_adapter(save_dir)
-        return {"steps": step, "planned_steps": total, "stopped_early": stopped_early, "batch_size": bs, "best_step": best["step"],
-                "best_dev_loss": best["dev_loss"] if best["state"] is not None else None,
-                "train_time_s": train_time, "train_tokens": tokens,
-                "train_tokens_per_s": tokens / max(train_time, 1e-9), "history": history}
+        if self._best is not None:
+            self.model.load_trainable_state_dict(self._best)
+        if save_dir is not None and self.parallel.is_main:
+            self.model.save_adapter(save_dir)                     # the weights that predict the test set
+        return {"steps": st.step, "planned_steps": total, "stopped_early": st.stopped_early, "batch_size": bs,
+                "best_step": st.best_step, "best_dev_loss": st.best_dev_loss if self._best is not None else None,
+                "train_time_s": train_time, "train_tokens": st.tokens,
+                "train_tokens_per_s": st.tokens / max(train_time, 1e-9), "history": st.history,
+                "resumed_from_step": resumed_from}
 
+    def _step(self, examples: list[Encoded], micro: int, params: list, st: TrainState, parts: dict) -> float:
+        """One optimizer step (plus the outer step of a bi-level method); refuses NaN/inf."""
+        loss_sum, n_tok = self._accumulate(examples, micro)
+        if not math.isfinite(loss_sum):
+            raise NonFiniteLossError(self._nonfinite("training loss", loss_sum, st.step + 1))
+        norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+        if not math.isfinite(norm):
+            raise NonFiniteLossError(self._nonfinite("gradient norm", norm, st.step + 1) + f" (loss {loss_sum:.4g})")
+        parts["opt"].step()
+        parts["sched"].step()
+        st.step += 1
+        self.model.on_step_end(st.step)
+        parts["opt"].zero_grad(set_to_none=True)
+        if parts["outer"] is not None:
+            parts["outer"]()
+        st.tokens += n_tok
+        return loss_sum
+
+    def _evaluate(self, st: TrainState, dev: list[Encoded], train_loss: float, save_dir, sched) -> None:
+        dl = self.dev_loss(dev)
+        if not math.isfinite(dl):
+            raise NonFiniteLossError(self._nonfinite("dev loss", dl, st.step))
+        st.history.append({"step": st.step, "train_loss": train_loss, "dev_loss": dl})
+        if self.on_eval is not None and self.parallel.is_main:
+            self.on_eval({**st.history[-1], "lr": sched.get_last_lr()[0]})
+        self.model.train()
+        if st.best_dev_loss is None or dl < st.best_dev_loss:
+            st.best_dev_loss, st.best_step, st.bad_evals = dl, st.step, 0
+            self._best = {k: v.detach().clone() for k, v in self.model.trainable_state_dict().items()}
+            if save_dir is not None and self.parallel.is_main:
+                self.model.save_adapter(save_dir)
+        else:
+            st.bad_evals += 1
+            st.stopped_early = st.bad_evals >= self.cfg.patience
+
+    def _nonfinite(self, what: str, value: float, step: int) -> str:
+        where = self.checkpointer.path if self.checkpointer is not None else None
+        kept = f"; the last good checkpoint is kept at {where}" if where is not None and where.exists() else ""
+        return (f"non-finite {what} ({value}) at step {step}: training stopped{kept}. "
+                f"Lower trainer.lr (now {self.cfg.lr}) or check the data")
+
+    # ---- checkpoints -----------------------------------------------------
+    def _save(self, st: TrainState, parts: dict) -> None:
+        if self.checkpointer is None:
+            return
+        st.elapsed_s = time.perf_counter() - self._start
+        tensors = prefixed("trainable", self.model.trainable_state_dict())
+        if self._best is not None:
+            tensors.update(prefixed("best", self._best))
+        opt_t, opt_meta = optimizer_state(parts["opt"])
+        rng_t, rng_meta = rng_state(parts["gen"])
+        tensors.update(prefixed("optim", opt_t), **prefixed("rng", rng_t))
+        state = {"train": asdict(st), "optimizer": opt_meta, "scheduler": parts["sched"].state_dict(), "rng": rng_meta}
+        if parts["outer"] is not None:
+            outer_t, outer_meta = optimizer_state(parts["outer"].optimizer)
+            tensors.update(prefixed("outer_optim", outer_t))
+            state.update(outer_optimizer=outer_meta, outer_pos=parts["outer"].pos)
+        if hasattr(self.model, "resume_state"):
+            tensors.update(prefixed("method", self.model.resume_state()))
+        self.checkpointer.save(tensors, state)
+
+    def _restore(self, st: TrainState, parts: dict) -> int | None:
+        """Load this config's checkpoint into the model, optimizers, RNGs and `st`; its step, or None."""
+        loaded = self.checkpointer.load() if self.checkpointer is not None else None
+        if loaded is None:
+            return None
+        tensors, state = loaded
+        self.model.load_trainable_state_dict(unprefixed("trainable", tensors))
+        best = unprefixed("best", tensors)
+        self._best = {k: v.to(self.device) for k, v in best.items()} or None
+        load_optimizer_state(parts["opt"], unprefixed("optim", tensors), state["optimizer"])
+        parts["sched"].load_state_dict(state["scheduler"])
+        set_rng_state(unprefixed("rng", tensors), state["rng"], parts["gen"])
+        if parts["outer"] is not None:
+            load_optimizer_state(parts["outer"].optimizer, unprefixed("outer_optim", tensors), state["outer_optimizer"])
+            parts["outer"].pos = state["outer_pos"]
+        if hasattr(self.model, "load_resume_state"):
+            self.model.load_resume_state(unprefixed("method", tensors))
+        for key, value in state["train"].items():
+            setattr(st, key, value)
+        return st.step
+
+    # ---- the pieces every step uses ---------------------------------------
     def _outer_stepper(self, outer: list, train: list[Encoded], micro: int):
-        """Bi-level optimisation (our reading of PEDRO, first-order DARTS): D_val is a fixed slice of
-        train (`val_fraction`, not the run seed); each call takes one outer step on the next D_val batch."""
+        """Split D_val off `train` (a fixed shuffle) and return (the outer step, the remaining train)."""
         opts = self.model.bilevel_options()
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(1234)).tolist()
         n_val = max(1, int(round(opts["val_fraction"] * len(train))))
         if n_val >= len(train):
             raise ValueError(f"bi-level val_fraction={opts['val_fraction']} leaves no training examples")
         d_val = [train[i] for i in order[:n_val]]
-        opt = torch.optim.AdamW(outer, lr=opts["lr"], weight_decay=opts["weight_decay"])
-        bs = self.cfg.effective_batch_size(len(train))
-        state = {"pos": 0}
-
-        def step() -> None:
-            self.model.zero_grad(set_to_none=True)    # drop what the D_train batch left on outer params
-            batch = [d_val[(state["pos"] + i) % len(d_val)] for i in range(min(bs, len(d_val)))]
-            state["pos"] = (state["pos"] + len(batch)) % len(d_val)
-            self._accumulate(batch, micro)
-            torch.nn.utils.clip_grad_norm_(outer, self.cfg.max_grad_norm)
-            opt.step()
-            self.model.zero_grad(set_to_none=True)    # the outer batch never updates inner weights
-
-        return step, [train[i] for i in order[n_val:]]
+        return OuterStepper(self, outer, d_val, micro, opts), [train[i] for i in order[n_val:]]
 
     def _accumulate(self, examples: list[Encoded], micro: int) -> tuple[float, int]:
-        """Forward/backward over micro-batches; the loss is the mean over all response tokens."""
+        """Forward/backward over micro-batches; the loss is the mean over all response tokens.
+        Data parallel: this process takes examples[rank::world]; DDP averages, so the loss is scaled by world."""
         n_resp = sum(len(e.response) for e in examples)
+        world = self.parallel.world
+        mine = self.parallel.shard(examples)
+        chunks = list(_chunks(mine, micro)) or [examples[:1]]      # an idle process still joins the all-reduce
+        weight = 1.0 if mine else 0.0
         loss_sum, n_tok = 0.0, 0
-        for chunk in _chunks(examples, micro):
-            batch = _to(collate_train(chunk, self.pad_id), self.device)
-            loss = self._token_loss(batch).sum() / n_resp
-            loss.backward()
-            loss_sum += loss.item()
-            n_tok += int(batch["attention_mask"].sum())
-        return loss_sum, n_tok
+        for i, chunk in enumerate(chunks):
+            with self.parallel.no_sync(self.train_model, sync=i == len(chunks) - 1):
+                batch = _to(collate_train(chunk, self.pad_id), self.device)
+                loss = self._token_loss(batch, self.train_model).sum() / n_resp
+                if world > 1:
+                    loss = loss * (world * weight)
+                loss.backward()
+            loss_sum += loss.item() / world
+            n_tok += int(batch["attention_mask"].sum()) if mine else 0
+        if world > 1:
+            loss_sum, n_tok = self.parallel.sum(loss_sum, n_tok)
+        return loss_sum, int(n_tok)
 
-    def _token_loss(self, batch: dict) -> torch.Tensor:
+    def _token_loss(self, batch: dict, model=None) -> torch.Tensor:
         """Per-token cross-entropy on response positions (B, T-1), zero elsewhere."""
         labels = batch.pop("labels")
-        logits = self.model(**batch).logits[:, :-1].float()                  # (B, T-1, V)
+        logits = (self.model if model is None else model)(**batch).logits[:, :-1].float()          # (B, T-1, V)
         target = labels[:, 1:]
         return torch.nn.functional.cross_entropy(
             logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
@@ -184,11 +307,12 @@ class Trainer:
     def dev_loss(self, dev: list[Encoded]) -> float:
         self.model.eval()
         total, count = 0.0, 0
-        for chunk in _chunks(dev, self.cfg.eval_batch_size):
+        for chunk in _chunks(self.parallel.shard(dev), self.cfg.eval_batch_size):
             batch = _to(collate_train(chunk, self.pad_id), self.device)
             n = int((batch["labels"][:, 1:] != -100).sum())
             total += float(self._token_loss(batch).sum())
             count += n
+        total, count = self.parallel.sum(total, count)
         return total / max(count, 1)
 
     # ---- prediction ------------------------------------------------------
@@ -197,16 +321,19 @@ class Trainer:
         """Generate each prompt's response (beam search, `num_beams`), in input order."""
         self.model.eval()
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].prompt))
-        out: list[str | None] = [None] * len(prompts)
-        bar = tqdm(total=len(prompts), desc="predict", disable=not self.cfg.progress)
-        for idx in _chunks(order, self.cfg.eval_batch_size):
+        mine = [i for chunk in self.parallel.shard(list(_chunks(order, self.cfg.eval_batch_size))) for i in chunk]
+        done: list[tuple[int, str]] = []
+        bar = tqdm(total=len(mine), desc="predict", disable=not self.cfg.progress or not self.parallel.is_main)
+        for idx in _chunks(mine, self.cfg.eval_batch_size):
             batch = _to(collate_prompts([prompts[i] for i in idx], self.pad_id), self.device)
             gen = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                       num_beams=self.cfg.num_beams, eos_token_id=self.eos_id,
                                       pad_token_id=self.pad_id)
             new = gen[:, batch["input_ids"].shape[1]:]
-            for i, row in zip(idx, new):
-                out[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+            done += [(i, tokenizer.decode(row, skip_special_tokens=True).strip()) for i, row in zip(idx, new)]
             bar.update(len(idx))
         bar.close()
+        out: list[str | None] = [None] * len(prompts)
+        for i, text in self.parallel.gather(done):
+            out[i] = text
         return out

@@ -1,0 +1,190 @@
+"""Rendering of median tables (papeft.report) as Markdown, CSV and booktabs LaTeX.
+
+Layout of the paper's Table 1: one row per (backbone, method) with its tunable-parameter column,
+one column per task; each cell is the median over seeds, followed by the interquartile range in
+brackets when there are several seeds; best per column in bold, second underlined (Markdown:
+italics); `(n=k)` flags a cell with fewer complete seeds than expected, `failed` a cell whose every
+run failed, `–` a cell never run. Paper rows (papeft.paper_numbers) come after ours, under a rule.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from typing import TYPE_CHECKING, Callable, Sequence
+
+if TYPE_CHECKING:                                    # pragma: no cover
+    from papeft.paper_numbers import PaperTable
+    from papeft.report import Row
+
+LOWER_IS_BETTER = frozenset({"loss", "perplexity", "ppl", "wer", "ter"})
+MISSING = "–"
+FAILED = "failed"
+
+
+def format_params(n: int) -> str:
+    """8950000 -> '8.95M', 123400 -> '123.4K', 512 -> '512'."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    if n >= 1e6:
+        return f"{n / 1e6:.2f}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f}K"
+    return str(n)
+
+
+def params_text(row: "Row") -> str:
+    if not row.params:
+        return MISSING
+    lo, hi = min(row.params), max(row.params)
+    return format_params(lo) if lo == hi else f"{format_params(lo)}–{format_params(hi)}"
+
+
+def tasks_of(rows: list["Row"], paper: "PaperTable | None" = None) -> list[tuple[str, str]]:
+    """(task, metric) columns: the paper's task order first when given, then the rest sorted."""
+    found: dict[str, str] = {}
+    for row in rows:
+        for task, cell in row.cells.items():
+            if cell.metric or task not in found:
+                found[task] = found.get(task) or cell.metric or ""
+    order = list(paper.tasks) if paper else []
+    return sorted(found.items(), key=lambda tm: (order.index(tm[0]) if tm[0] in order else len(order), tm[0]))
+
+
+def expected_seeds(rows: list["Row"]) -> int:
+    return max((c.n + c.failed for r in rows for c in r.cells.values()), default=0)
+
+
+def _ranks(rows: list["Row"], task: str, metric: str) -> dict[str, int]:
+    """Map each displayed value of a column to 1 (best) or 2 (second); needs >= 2 values."""
+    shown = [f"{r.cells[task].median:.1f}" for r in rows if task in r.cells and r.cells[task].n]
+    if len(shown) < 2:
+        return {}
+    order = sorted(set(shown), key=float, reverse=metric.lower() not in LOWER_IS_BETTER)
+    return {v: i + 1 for i, v in enumerate(order[:2])}
+
+
+def _cells(rows: list["Row"], tasks: list[tuple[str, str]], mark: dict[int, Callable[[str], str]],
+           iqr: Callable[[str], str] | None, failed: str) -> list[list[str]]:
+    """Formatted task cells per row: median (+ IQR), best/second marks, (n=k) / failed flags."""
+    expected = expected_seeds(rows)
+    out: list[list[str]] = [[] for _ in rows]
+    for task, metric in tasks:
+        ranks = _ranks(rows, task, metric)
+        for cells, row in zip(out, rows):
+            cell = row.cells.get(task)
+            if cell is None:
+                cells.append(MISSING)
+                continue
+            if cell.n == 0:
+                cells.append(failed)
+                continue
+            text = f"{cell.median:.1f}"
+            text = mark.get(ranks.get(text), str)(text)
+            if iqr is not None and cell.n > 1:
+                text += iqr(f"{cell.iqr:.1f}")
+            if cell.n < expected:
+                text += f" (n={cell.n}" + (f", {cell.failed} failed)" if cell.failed else ")")
+            cells.append(text)
+    return out
+
+
+def _paper_cells(paper: "PaperTable", tasks: list[tuple[str, str]]) -> list[tuple[str, str, list[str]]]:
+    """(method label, params, cells) of the paper's rows, in our columns."""
+    return [(pr.label, pr.params or MISSING,
+             [f"{pr.scores[t]:.1f}" if t in pr.scores else MISSING for t, _ in tasks]) for pr in paper.rows]
+
+
+FOOTER = ("Median over seeds, [interquartile range] when there are several; best per column in bold, "
+          "second in italics; `(n=k)`: fewer complete seeds than expected; `failed`: every run failed; "
+          f"`{MISSING}`: not run.")
+
+
+def to_markdown(rows: list["Row"], notes: Sequence[str] = (), paper: "PaperTable | None" = None,
+                failures: Sequence[dict] = (), iqr: bool = True) -> str:
+    """Markdown table plus its legend, the paper's rows (when given), notes and failed runs."""
+    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    tasks = tasks_of(rows, paper)
+    head = ["backbone", "method", "params"] + [f"{t} ({m})" if m else t for t, m in tasks]
+    lines = ["| " + " | ".join(map(esc, head)) + " |",
+             "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
+    body = _cells(rows, tasks, {1: lambda s: f"**{s}**", 2: lambda s: f"_{s}_"},
+                  (lambda s: f" [{s}]") if iqr else None, FAILED)
+    for row, cells in zip(rows, body):
+        lines.append("| " + " | ".join([esc(row.backbone), esc(row.method), params_text(row)] + cells) + " |")
+    if paper:
+        for label, params, cells in _paper_cells(paper, tasks):
+            lines.append("| " + " | ".join([esc(f"{paper.backbone} (paper)"), esc(label), params] + cells) + " |")
+    lines += ["", FOOTER]
+    if paper:
+        lines += ["", f"Rows marked (paper): {paper.source}."]
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    if failures:
+        lines += ["", "Failed runs:", ""] + [f"- {failure_line(f)}" for f in failures]
+    return "\n".join(lines) + "\n"
+
+
+def failure_line(f: dict) -> str:
+    error = str(f.get("error", "")).strip().splitlines()
+    step = f.get("checkpoint_step")
+    where = f" (checkpoint at step {step} kept)" if step is not None else ""
+    return (f"{f.get('backbone')} / {f.get('method')} / {f.get('task')} / seed {f.get('seed')}: "
+            f"{f.get('error_type', 'error')}: {error[0] if error else ''}{where}")
+
+
+def to_csv(rows: list["Row"], paper: "PaperTable | None" = None) -> str:
+    """Machine-readable CSV: median, n, IQR and failed runs per task; missing cells left empty."""
+    tasks = [t for t, _ in tasks_of(rows, paper)]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["backbone", "method", "params"]
+                    + [f"{t}_{s}" for t in tasks for s in ("median", "n", "iqr", "failed")])
+    for row in rows:
+        vals: list[object] = [row.backbone, row.method, max(row.params) if row.params else ""]
+        for t in tasks:
+            c = row.cells.get(t)
+            if c is None:
+                vals += ["", "", "", ""]
+            elif c.n == 0:
+                vals += ["", 0, "", c.failed]
+            else:
+                vals += [round(c.median, 4), c.n, round(c.iqr, 4), c.failed]
+        writer.writerow(vals)
+    return buf.getvalue()
+
+
+_TEX = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#",
+        "$": r"\$", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def tex_escape(text: str) -> str:
+    """Escape LaTeX special characters."""
+    return "".join(_TEX.get(ch, ch) for ch in str(text))
+
+
+def to_latex(rows: list["Row"], notes: Sequence[str] = (), paper: "PaperTable | None" = None,
+             iqr: bool = True) -> str:
+    """booktabs `tabular`: best per column bold, second underlined, IQR in small type; paper rows
+    under a `\\midrule`; notes below."""
+    tasks = tasks_of(rows, paper)
+    head = ["Backbone", "Method", "Params"] + [tex_escape(f"{t} ({m})" if m else t) for t, m in tasks]
+    lines = [r"\begin{tabular}{ll" + "r" * (len(tasks) + 1) + "}", r"\toprule",
+             " & ".join(head) + r" \\", r"\midrule"]
+    body = _cells(rows, tasks, {1: lambda s: rf"\textbf{{{s}}}", 2: lambda s: rf"\underline{{{s}}}"},
+                  (lambda s: rf"\,{{\scriptsize[{s}]}}") if iqr else None, r"\textit{failed}")
+    for row, cells in zip(rows, body):
+        lines.append(" & ".join([tex_escape(row.backbone), tex_escape(row.method),
+                                 tex_escape(params_text(row))] + cells) + r" \\")
+    if paper:
+        lines.append(r"\midrule")
+        for label, params, cells in _paper_cells(paper, tasks):
+            lines.append(" & ".join([tex_escape(f"{paper.backbone} (paper)"), tex_escape(label),
+                                     tex_escape(params)] + cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    legend = "Median over seeds" + (", [interquartile range]" if iqr else "") + \
+             "; best per column in bold, second underlined; (n=k): fewer complete seeds than expected."
+    lines.append(rf"\par\footnotesize {tex_escape(legend)}")
+    if paper:
+        lines.append(rf"\par\footnotesize {tex_escape('Rows marked (paper): ' + paper.source + '.')}")
+    lines += [rf"\par\footnotesize {tex_escape(n)}" for n in notes]
+    return "\n".join(lines) + "\n"
