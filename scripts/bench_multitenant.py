@@ -1,0 +1,424 @@
+"""Multi-tenant generation speed and memory, the setting of PARADE Table 4 (App. F prompt, 32 new tokens).
+
+    python scripts/bench_multitenant.py                         # SmolLM2-135M, batch 1/8, tenants 1/8, beams 1/3
+    python scripts/bench_multitenant.py --random-config llama2_7b --dtype bfloat16    # the paper's shape, GPU
+    python scripts/bench_multitenant.py --batch-sizes 8 --tenants 8 --repeats 2 --new-tokens 8   # a quick check
+    python scripts/bench_multitenant.py --profile parade        # torch.profiler's top ops for one method
+
+Every method serves a batch through `MultiTenantEngine` on one frozen backbone; row i
+belongs to tenant i % tenants (random adapter weights of the right shapes, saved and
+loaded like real ones: speed does not depend on values). Methods: bare backbone, PARADE,
+PARA, PEDRO, (IA)3, LoRA through peft's mixed batch (`adapter_names`; its own copy of the
+backbone), gathered (BGMV-style) LoRA, LoPA (its encoder makes each request's soft
+prompt when the call starts: inside the prefill time).
+
+prefill = wall time from the call to the end of its first forward; decode tok/s =
+rows x (new - 1) / time after the prefill; exactly `--new-tokens` are generated.
+Memory = the method's resident weights (backbone + its tenants') + the call's peak
+extra: `peak` is torch.cuda.max_memory_allocated on CUDA and the process's peak RSS on
+CPU (VmHWM reset after malloc_trim: allocator effects included); `tensors` is the peak
+of live tensor storages (exact on CPU too, from one extra untimed traced run; = peak on
+CUDA), which the memory targets use. Each cell: median of `--repeats` runs after
+`--warmup`; methods interleaved (A B C ..., then reversed) so drift cancels in the
+ratios to the bare backbone of the same run; spread = (max - min) / median.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import statistics
+import tempfile
+import time
+import weakref
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+from papeft.backbones import DTYPES, _load_gguf_cached, load_backbone, load_tokenizer
+from papeft.io import write_json, write_text
+from papeft.prompting import PromptFormatter
+from papeft.serving import MultiTenantEngine, Request
+from papeft.serving.tenants import meta_skeleton
+from papeft.tuners import build_method
+
+REPO = Path(__file__).resolve().parents[1]
+# PARADE Appendix F: the example instruction used for the efficiency analysis (Table 4)
+APP_F_INSTRUCTION = (
+    "Generate a blog post of 500 words or less that discusses the following news article:\n\n"
+    "The Department of Child Protection (DCP) must pay compensation and medical expenses to a youth "
+    "worker who developed pericarditis after getting a Covid booster under a workplace vaccination "
+    "directive, the South Australian Employment Tribunal has ruled.\n\n"
+    "In a decision handed down on 15 January 2024, the Tribunal determined that Daniel Shepherd's "
+    "employment was \"a significant contributing cause\" to his injury, which has since rendered him "
+    "incapable of performing his role at work.\n\n"
+    "Shepherd got a Covid booster in February 2022 as a requirement for his ongoing employment with the "
+    "DCP. The DCP admitted that Shepherd's pericarditis had been caused by the booster, but denied "
+    "responsibility for the injury, arguing that it did not arise from Shepherd's employment, but from "
+    "a lawful State Government Public Health Order (PHO), issued under the Emergency Management Act 2004 (EMA).")
+PAPER_PROMPT_TOKENS = 274        # LLaMA-2 tokens of the instruction with LoRA (App. F)
+RANDOM_SHAPES = {
+    "llama2_7b": LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                             num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
+}
+# method -> (configs/method yaml or None, engine: "main" | "peft")
+METHODS = {"bare": (None, "main"), "parade": ("parade", "main"), "para": ("para", "main"),
+           "pedro": ("pedro", "main"), "ia3": ("ia3", "main"), "lora_peft": ("lora", "peft"),
+           "lora_gathered": ("lora", "main"), "lopa": ("lopa", "main")}
+TARGETS_AT = (8, 8)              # (batch, tenants) of the acceptance targets
+
+
+# ---- backbone, prompt, tenants ------------------------------------------------
+def backbone_and_prompt(args) -> tuple[nn.Module, list[int], str]:
+    """(backbone in eval mode on the device, prompt ids, label)."""
+    smol = OmegaConf.to_container(OmegaConf.load(REPO / "configs/backbone/smollm2_135m.yaml"), resolve=True)
+    if args.random_config:
+        name = args.random_config
+        config = RANDOM_SHAPES.get(name) or AutoConfig.from_pretrained(_load_gguf_cached(smol))
+        dtype = DTYPES[args.dtype or "float32"]
+        torch.manual_seed(0)
+        with torch.device(args.device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        cfg = smol                                                    # tokenizer and template for the prompt
+    else:
+        name = args.backbone
+        cfg = OmegaConf.to_container(OmegaConf.load(REPO / f"configs/backbone/{name}.yaml"), resolve=True)
+        if args.dtype:
+            cfg["dtype"] = args.dtype
+        model, _ = load_backbone(cfg)
+        model = model.to(args.device)
+    try:
+        tok = load_tokenizer(cfg)
+        formatter = PromptFormatter(tok, cfg.get("chat_template", "auto"), cfg.get("system_prompt"))
+        ids = formatter.encode_prompt(APP_F_INSTRUCTION)
+    except (OSError, ValueError) as e:              # no tokenizer files here: the length is what matters
+        print(f"# no tokenizer ({type(e).__name__}: {e}); using {PAPER_PROMPT_TOKENS} synthetic prompt ids")
+        tok, ids = None, list(range(1, PAPER_PROMPT_TOKENS + 1))
+    n = args.prompt_tokens or (PAPER_PROMPT_TOKENS if args.random_config else len(ids))
+    ids = [t % model.config.vocab_size for t in (ids * (n // len(ids) + 1))[:n]]
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = (tok.pad_token_id if tok is not None else None) or 0
+    return model.eval(), ids, f"{name}-{args.device}-{str(model.dtype).removeprefix('torch.')}"
+
+
+def random_adapter(hf_config, method_yaml: str, seed: int, directory: Path) -> Path:
+    """A saved adapter with random weights of the method's shapes (built on a meta skeleton)."""
+    cfg = OmegaConf.to_container(OmegaConf.load(REPO / f"configs/method/{method_yaml}.yaml"), resolve=True)
+    adapted = build_method(meta_skeleton(hf_config), cfg)
+    g = torch.Generator().manual_seed(seed)
+    for name, p in list(adapted.named_parameters()):
+        if not p.requires_grad or ".act." in name:                   # keep PEDRO's rational at its init
+            continue
+        owner, _, leaf = name.rpartition(".")
+        value = torch.randn(p.shape, generator=g) * 0.02 + (1.0 if name.endswith("up.bias") else 0.0)
+        adapted.get_submodule(owner)._parameters[leaf] = nn.Parameter(value)
+    return adapted.save_adapter(directory)
+
+
+# ---- measurement ----------------------------------------------------------------
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def vm_bytes(key: str) -> int:
+    """A /proc/self/status field (VmRSS, VmHWM) in bytes."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+
+
+class PeakMemory:
+    """Peak extra memory of one call: CUDA allocator stats; on CPU the process's peak RSS (VmHWM, reset
+    through /proc/self/clear_refs after malloc_trim; NaN where the reset is refused)."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+
+    def start(self) -> None:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)                   # give freed memory back first
+        except OSError:
+            pass
+        self.base = vm_bytes("VmRSS")
+        try:
+            Path("/proc/self/clear_refs").write_text("5")             # reset the peak RSS (Linux >= 4.0)
+            self.reset = True
+        except OSError:
+            self.reset = False
+
+    def extra(self) -> float:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() - self.base
+        return max(0, vm_bytes("VmHWM") - self.base) if self.reset else float("nan")
+
+
+class TensorPeak(TorchDispatchMode):
+    """Peak bytes of the tensor storages a call creates and keeps alive, on any device: what
+    torch.cuda.max_memory_allocated counts, without the allocator. Slows every op: untimed runs only."""
+
+    def __init__(self, existing):
+        super().__init__()
+        self.live = {t.untyped_storage().data_ptr() for t in existing}
+        self.now = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.live:
+                storage = t.untyped_storage()
+                ptr, n = storage.data_ptr(), storage.nbytes()
+                if ptr:
+                    self.live.add(ptr)
+                    self.now += n
+                    self.peak = max(self.peak, self.now)
+                    weakref.finalize(storage, self._free, ptr, n)
+        return out
+
+    def _free(self, ptr: int, n: int) -> None:
+        self.live.discard(ptr)
+        self.now -= n
+
+
+def tensor_peak_extra(engine: MultiTenantEngine, requests: list[Request], args, beams: int) -> int:
+    existing = list(engine.backbone.parameters()) + list(engine.backbone.buffers())
+    existing += [t for bank in engine.banks.values() for t in bank.stack.tensors.values()]
+    existing += [p for t in engine.tenants.values() if getattr(t, "model", None) for p in t.model.parameters()]
+    with TensorPeak(existing) as tracker:
+        engine.generate(requests, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, num_beams=beams)
+    return tracker.peak
+
+
+def measure(engine: MultiTenantEngine, requests: list[Request], resident: int, args, beams: int) -> dict:
+    t = {}
+
+    def first_forward_done(module, a, out):
+        if "prefill" not in t:
+            sync(args.device)
+            t["prefill"] = time.perf_counter()
+    handle = engine.backbone.register_forward_hook(first_forward_done)
+    mem = PeakMemory(args.device)
+    mem.start()
+    try:
+        sync(args.device)
+        t0 = time.perf_counter()
+        results = engine.generate(requests, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                  num_beams=beams)
+        sync(args.device)
+        t1 = time.perf_counter()
+    finally:
+        handle.remove()
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+    rows = len(requests)
+    return {"prefill_ms": 1e3 * (t["prefill"] - t0),
+            "decode_tok_s": rows * (args.new_tokens - 1) / (t1 - t["prefill"]),
+            "total_tok_s": rows * args.new_tokens / (t1 - t0),
+            "peak_mib": (resident + mem.extra()) / 2**20}
+
+
+def make_requests(method: str, batch: int, tenants: int, ids: list[int]) -> list[Request]:
+    if method == "bare":
+        return [Request(ids) for _ in range(batch)]
+    return [Request(ids, f"{method}-{i % tenants}") for i in range(batch)]
+
+
+def resident_bytes(engine: MultiTenantEngine, method: str) -> int:
+    names = {n for n in engine.tenants if n.startswith(f"{method}-")}
+    return engine.weight_bytes(names)
+
+
+# ---- tables -----------------------------------------------------------------------
+COLUMNS = ["batch", "tenants", "beams", "method", "prefill_ms", "prefill_x_bare", "prefill_spread_pct",
+           "decode_tok_s", "decode_x_bare", "decode_spread_pct", "total_tok_s", "peak_mib", "peak_x_bare",
+           "tensor_peak_mib", "tensor_peak_x_bare"]
+
+
+def fmt(v) -> str:
+    """Ratios with 3 decimals, other floats with 1."""
+    return v if isinstance(v, str) else str(v) if isinstance(v, int) else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+
+
+def spread_pct(values: list[float]) -> float:
+    return 100 * (max(values) - min(values)) / statistics.median(values)
+
+
+def write_tables(rows: list[dict], stem: Path, header: str) -> None:
+    cells = [[fmt(r[c]) for c in COLUMNS] for r in rows]
+    md = [header, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    md += ["| " + " | ".join(c) + " |" for c in cells]
+    write_text(stem.with_suffix(".md"), "\n".join(md) + "\n")
+    write_text(stem.with_suffix(".csv"), "\n".join([",".join(COLUMNS)] + [",".join(str(r[c]) for c in COLUMNS)
+                                                                           for r in rows]) + "\n")
+    tex = ["% " + header.replace("\n", "\n% "), "\\begin{tabular}{" + "r" * 3 + "l" + "r" * (len(COLUMNS) - 4) + "}",
+           "\\toprule", " & ".join(c.replace("_", "\\_") for c in COLUMNS) + " \\\\", "\\midrule"]
+    tex += [" & ".join(x.replace("_", "\\_") for x in c) + " \\\\" for c in cells]
+    write_text(stem.with_suffix(".tex"), "\n".join(tex + ["\\bottomrule", "\\end{tabular}"]) + "\n")
+
+
+def check_targets(rows: list[dict]) -> list[str]:
+    """PASS/MISS per target at batch 8 with 8 tenants (PARADE vs bare, peft LoRA, gathered LoRA)."""
+    lines = []
+    cell = {(r["batch"], r["tenants"], r["beams"], r["method"]): r for r in rows}
+    for beams in sorted({r["beams"] for r in rows}):
+        get = lambda m: cell.get((*TARGETS_AT, beams, m))             # noqa: E731
+        p = get("parade")
+        if p is None:
+            continue
+        checks = [("decode tok/s vs bare", get("bare"), "decode_tok_s", ">=", 0.97),
+                  ("decode tok/s vs peft mixed-batch LoRA", get("lora_peft"), "decode_tok_s", ">=", 1.5),
+                  ("decode tok/s vs gathered LoRA", get("lora_gathered"), "decode_tok_s", ">=", 1.1),
+                  ("prefill time vs bare", get("bare"), "prefill_ms", "<=", 1.05),
+                  ("peak tensor memory vs peft LoRA", get("lora_peft"), "tensor_peak_mib", "<=", 1.0),
+                  ("peak tensor memory vs gathered LoRA", get("lora_gathered"), "tensor_peak_mib", "<=", 1.0),
+                  ("peak process memory vs peft LoRA (CPU: RSS)", get("lora_peft"), "peak_mib", "<=", 1.0)]
+        for what, other, key, op, bound in checks:
+            if other is None:
+                continue
+            ratio = p[key] / other[key]
+            ok = ratio >= bound if op == ">=" else ratio <= bound
+            lines.append(f"{'PASS' if ok else 'MISS'}  beams={beams} PARADE {what}: {ratio:.3f}x (target {op} {bound})")
+    return lines
+
+
+def profile(engine, requests, args, beams: int) -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    with torch_profile(activities=acts) as prof:
+        engine.generate(requests, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, num_beams=beams)
+    key = "self_cuda_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25))
+
+
+# ---- main -------------------------------------------------------------------------
+def build_engines(backbone: nn.Module, methods: list[str], tenants: int) -> dict[str, MultiTenantEngine]:
+    """"main" (every method but peft's LoRA) and "peft" (its own copy of the backbone), tenants loaded."""
+    engines = {"main": MultiTenantEngine(backbone)}
+    if "lora_peft" in methods:
+        engines["peft"] = MultiTenantEngine(copy.deepcopy(backbone), lora_backend="peft")
+    with tempfile.TemporaryDirectory() as tmp:
+        for m in methods:
+            yaml, which = METHODS[m]
+            for k in range(tenants if yaml else 0):
+                d = random_adapter(backbone.config, yaml, seed=k, directory=Path(tmp) / f"{m}-{k}")
+                engines[which].add_tenant(f"{m}-{k}", d)
+    return engines
+
+
+def run_cell(engines, methods, ids, args, batch: int, tenants: int, beams: int) -> list[dict]:
+    """One (batch, tenants, beams) cell: warm-up, interleaved repeats, medians and ratios to bare."""
+    jobs = {m: (engines[METHODS[m][1]], make_requests(m, batch, tenants, ids)) for m in methods}
+    resident = {m: resident_bytes(e, m) for m, (e, _) in jobs.items()}
+    samples = {m: [] for m in methods}
+    for _ in range(args.warmup):
+        for m, (e, reqs) in jobs.items():
+            measure(e, reqs, resident[m], args, beams)
+    for rep in range(args.repeats):
+        for m in (methods if rep % 2 == 0 else methods[::-1]):          # A B C ..., then C B A ...
+            e, reqs = jobs[m]
+            samples[m].append(measure(e, reqs, resident[m], args, beams))
+    med = {m: {k: statistics.median(s[k] for s in samples[m]) for k in samples[m][0]} for m in methods}
+    for m, (e, reqs) in jobs.items():        # CUDA's allocator peak is already exact; on CPU trace one run
+        med[m]["tensor_peak_mib"] = (med[m]["peak_mib"] if args.device.startswith("cuda") else
+                                     (resident[m] + tensor_peak_extra(e, reqs, args, beams)) / 2**20)
+    rows = []
+    for m in methods:
+        rows.append({"batch": batch, "tenants": tenants, "beams": beams, "method": m, **med[m],
+                     "prefill_x_bare": med[m]["prefill_ms"] / med["bare"]["prefill_ms"],
+                     "prefill_spread_pct": spread_pct([s["prefill_ms"] for s in samples[m]]),
+                     "decode_x_bare": med[m]["decode_tok_s"] / med["bare"]["decode_tok_s"],
+                     "decode_spread_pct": spread_pct([s["decode_tok_s"] for s in samples[m]]),
+                     "peak_x_bare": med[m]["peak_mib"] / med["bare"]["peak_mib"],
+                     "tensor_peak_x_bare": med[m]["tensor_peak_mib"] / med["bare"]["tensor_peak_mib"],
+                     "samples": samples[m]})
+        print_row(rows[-1])
+    return rows
+
+
+def print_row(r: dict) -> None:
+    print(f"B={r['batch']:<3} tenants={r['tenants']:<3} beams={r['beams']} {r['method']:<14} "
+          f"prefill {r['prefill_ms']:9.1f} ms ({r['prefill_x_bare']:.3f}x, spread {r['prefill_spread_pct']:.0f}%)  "
+          f"decode {r['decode_tok_s']:8.1f} tok/s ({r['decode_x_bare']:.3f}x, spread {r['decode_spread_pct']:.0f}%)  "
+          f"peak {r['peak_mib']:7.1f} MiB ({r['peak_x_bare']:.3f}x), tensors {r['tensor_peak_mib']:7.1f} MiB "
+          f"({r['tensor_peak_x_bare']:.3f}x)", flush=True)
+
+
+def notes(targets: list[str]) -> str:
+    at = f"batch {TARGETS_AT[0]} with {TARGETS_AT[1]} tenants"
+    text = (f"targets are defined at {at}, smollm2_135m on 2 CPU cores" if targets
+            else f"no PARADE cell at {at}: targets not checked")
+    try:
+        from papeft.paper_numbers import SPEED_TABLE4
+        paper = "; ".join(f"{m} {v['beam1']}/{v['beam3']}" for m, v in SPEED_TABLE4.items())
+        text += f"\npaper Table 4 (LLaMA-2 7B, batch 1, tok/s beam 1/3): {paper}"
+    except ImportError:
+        pass
+    return text
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backbone", default="smollm2_135m", help="configs/backbone/NAME.yaml (real weights)")
+    ap.add_argument("--random-config", help=f"random weights of a known shape: {sorted(RANDOM_SHAPES)} or smollm2_135m")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), help="default: the backbone config's (float32 if random)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--batch-sizes", default="1,8")
+    ap.add_argument("--tenants", default="1,8")
+    ap.add_argument("--beams", default="1,3")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--prompt-tokens", type=int, default=0, help="crop/tile the prompt to N tokens (0: as encoded; "
+                    f"{PAPER_PROMPT_TOKENS} with --random-config)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--profile", metavar="METHOD", help="print torch.profiler's top ops for one method")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--out", default=str(REPO / "results/bench"))
+    args = ap.parse_args(argv)
+    args.methods = ["bare"] + [m for m in args.methods.split(",") if m and m != "bare"]
+    unknown = sorted(set(args.methods + ([args.profile] if args.profile else [])) - set(METHODS))
+    if unknown:
+        ap.error(f"unknown method(s) {unknown}; known: {list(METHODS)}")
+    for key in ("batch_sizes", "tenants", "beams"):
+        setattr(args, key, [int(x) for x in getattr(args, key).split(",")])
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    backbone, ids, label = backbone_and_prompt(args)
+    engines = build_engines(backbone, args.methods, max(args.tenants))
+    print(f"# {label}: prompt {len(ids)} tokens, {args.new_tokens} new, torch threads {torch.get_num_threads()}, "
+          f"methods {args.methods}, repeats {args.repeats} (+{args.warmup} warm-up)")
+    rows = [row for batch in args.batch_sizes for tenants in args.tenants if tenants <= batch
+            for beams in args.beams for row in run_cell(engines, args.methods, ids, args, batch, tenants, beams)]
+    targets = check_targets(rows)
+    note = notes(targets)
+    header = (f"Multi-tenant generation, {label}: App. F prompt ({len(ids)} tokens), {args.new_tokens} new tokens, "
+              f"median of {args.repeats} interleaved runs.\n{note}")
+    stem = Path(args.out) / f"multitenant-{label}"
+    write_tables(rows, stem, header)
+    write_json(stem.with_suffix(".json"), {"args": vars(args), "rows": rows, "targets": targets})
+    print("\n".join([note] + targets + [f"wrote {stem}.{{md,csv,tex,json}}"]))
+    if args.profile:
+        batch, tenants, beams = max(args.batch_sizes), max(args.tenants), args.beams[0]
+        e = engines[METHODS[args.profile][1]]
+        print(f"\n# profile: {args.profile}, batch {batch}, tenants {tenants}, beams {beams}")
+        profile(e, make_requests(args.profile, batch, tenants, ids), args, beams)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
