@@ -178,7 +178,10 @@ def run_single(cfg: DictConfig, seed: int, raise_on_failure: bool = True) -> dic
     tracker.finish(summary={"test/score": metrics["score"], "best_dev_loss": metrics["best_dev_loss"],
                             "params_trainable_no_bias": metrics["params_trainable_no_bias"]})
     if parallel.is_main:
-        print(f"{label} test {metrics['metric']} = {metrics['score']:.2f}  ({metrics['n_test']} examples) -> {out}")
+        extra = metrics.get("metrics", {})
+        judged = (f", judge parsed {extra['n_judged']:.0f}/{extra['n_judged'] + extra['judge_missing']:.0f} replies"
+                  if "n_judged" in extra else "")
+        print(f"{label} test {metrics['metric']} = {metrics['score']:.2f}  ({metrics['n_test']} examples{judged}) -> {out}")
     return metrics
 
 

@@ -4,16 +4,17 @@
     engine.add_tenant("acme", "runs/.../adapter")        # PARADE, PARA, PEDRO, (IA)3, LoRA, LoPA
     results = engine.generate([Request(ids, "acme"), Request(ids2, "zeta"), Request(ids3)], num_beams=3)
 
-How each kind of row is served (hooks installed for the call only, removed after):
+How each kind of row is served (hooks and patched forwards installed for the call only, removed after):
 * vector tenants (PARADE / PARA / PEDRO): at prefill a pre-hook on each decoder
   layer runs the generators of all rows at once with their own gathered weights
   (tenants.VectorBank: bmm over (B, d, r) and (B, r, W), vmap for capsule and
   rational parameters) and writes the rows' vectors into per-module scale
   tensors (P, 1, width), one row per prompt. The layer pre-hooks are removed once
   the prefill forward returns: a decode step runs only `out *= scale` per scaled
-  module. Beam search expands each prompt into adjacent rows before prefill; the
-  generators run once per prompt and its beams share its scales (folded into the
-  token axis), so every beam carries its prompt's vectors.
+  module (its forward patched for the call, restored after). Beam search expands
+  each prompt into adjacent rows before prefill; the generators run once per
+  prompt and its beams share its scales (folded into the token axis), so every
+  beam carries its prompt's vectors.
 * static-scale tenants ((IA)3, ours and peft's): their vectors are gathered into
   the same scale tensors when the call starts.
 * LoRA, `lora_backend="gathered"`: gathered_lora (BGMV-style, one gather per call);
@@ -46,7 +47,7 @@ import torch
 from torch import nn
 
 from papeft.architectures import ROLE_PATHS, decoder_layers, model_type, role_sites
-from papeft.serving.gathered_lora import LoraBank, lora_hook
+from papeft.serving.gathered_lora import LoraBank, lora_forward
 from papeft.serving.tenants import (LoraTenant, SoftPromptTenant, StaticBank, Tenant, TenantError, VectorBank,
                                     load_tenant, module_width)
 
@@ -273,17 +274,23 @@ class MultiTenantEngine:
         return {"inputs_embeds": embeds, "attention_mask": mask}
 
 
-def _scale_out(s: torch.Tensor, beams: int):
-    """Forward hook: out (P*beams, T, W) *= s (P, 1, W) in place (a linear's output is fresh). Rows are
-    prompt-major after HF's beam expansion (prompt p owns rows p*beams ...), so beams fold into tokens."""
-    def hook(module, args, out):                  # returns None: the output, scaled in place, stays
-        (out if beams == 1 else out.view(s.shape[0], -1, out.shape[-1])).mul_(s)
-    return hook
+def _scaled_forward(base, s: torch.Tensor, side: str, beams: int):
+    """A module's forward (`base`) with its output (side "out") or input (side "in") scaled by s (P, 1, W).
 
-
-def _scale_in(s: torch.Tensor):
-    """Forward pre-hook scaling a module's input; out of place (the input may be shared, e.g. by q, k, v)."""
-    return lambda m, a: ((a[0].reshape(s.shape[0], -1, a[0].shape[-1]) * s).view_as(a[0]), *a[1:])
+    Installed as the module's forward for one call (cheaper than a forward hook: a decode
+    step runs 3 of these per layer). Rows are prompt-major after HF's beam expansion
+    (prompt p owns rows p*beams ...), so beams fold into the token axis. The output of a
+    linear is fresh and is scaled in place; an input may be shared (q, k, v), so out of place.
+    """
+    if side == "out":
+        def forward(*args, **kwargs):
+            out = base(*args, **kwargs)            # (P*beams, T, W)
+            (out if beams == 1 else out.view(s.shape[0], -1, out.shape[-1])).mul_(s)
+            return out
+    else:
+        def forward(x, *args, **kwargs):
+            return base((x.reshape(s.shape[0], -1, x.shape[-1]) * s).view_as(x), *args, **kwargs)
+    return forward
 
 
 class _CallHooks:
@@ -294,7 +301,7 @@ class _CallHooks:
     """
 
     def __init__(self, engine: MultiTenantEngine, tenants: list[Tenant | None], mask: torch.Tensor, beams: int):
-        self.e, self.beams, self.handles, self.prefill_handles = engine, beams, [], []
+        self.e, self.beams, self.prefill_handles, self.patched = engine, beams, [], []
         self.prompts = len(tenants)
         self.pool_mask = mask.bool()                                          # (P, T)
         self.scales: dict[tuple, torch.Tensor] = {}                           # site -> (P, 1, width)
@@ -327,23 +334,32 @@ class _CallHooks:
         return self.scales[site]
 
     def __enter__(self):
-        layers, add = self.e.layers, self.handles.append
+        layers = self.e.layers
         for (i, path, side), s in self.scales.items():
-            mod = layers[i].get_submodule(path)
-            add(mod.register_forward_hook(_scale_out(s, self.beams)) if side == "out"
-                else mod.register_forward_pre_hook(_scale_in(s)))
+            self._patch(layers[i].get_submodule(path), lambda base: _scaled_forward(base, s, side, self.beams))
         for gathered in self.lora:
             for (i, path), (A, B) in gathered.items():
-                add(layers[i].get_submodule(path).register_forward_hook(lora_hook(A, B)))
+                self._patch(layers[i].get_submodule(path), lambda base: lora_forward(base, A, B))
         if self.vector_groups:
             for i, layer in enumerate(layers):
                 self.prefill_handles.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
             self.prefill_handles.append(self.e.backbone.register_forward_hook(self._end_prefill))
         return self
 
+    def _patch(self, module: nn.Module, wrap) -> None:
+        """module.forward = wrap(current forward) for this call; what it had before (the class's
+        forward, or an instance patch such as accelerate's) comes back on exit."""
+        self.patched.append((module, module.__dict__.get("forward")))
+        module.forward = wrap(module.forward)
+
     def __exit__(self, *exc):
-        for h in self.handles + self.prefill_handles:
+        for h in self.prefill_handles:
             h.remove()
+        for mod, own in reversed(self.patched):        # restore what each module had before the call
+            if own is None:
+                del mod.forward
+            else:
+                mod.forward = own
         return False
 
     def _end_prefill(self, module, args, out):

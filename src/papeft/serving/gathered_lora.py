@@ -59,8 +59,10 @@ def gathered_lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> to
     return torch.bmm(torch.bmm(xp, A), B).reshape(R, T, B.shape[-1])  # (R, T, out)
 
 
-def lora_hook(A: torch.Tensor, B: torch.Tensor):
-    """Forward hook adding the gathered LoRA delta to a module's (fresh, inference-mode) output in place."""
-    def hook(module: nn.Module, args, out):
-        out.add_(gathered_lora_delta(args[0], A, B).to(out.dtype))
-    return hook
+def lora_forward(base, A: torch.Tensor, B: torch.Tensor):
+    """A module's forward (`base`) plus the gathered LoRA delta, added in place to the (fresh) output;
+    installed as the module's forward for one call, like the engine's scaled forwards."""
+    def forward(x, *args, **kwargs):
+        out = base(x, *args, **kwargs)
+        return out.add_(gathered_lora_delta(x, A, B).to(out.dtype))
+    return forward

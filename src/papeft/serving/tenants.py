@@ -290,10 +290,13 @@ def per_row(module: nn.Module, params: dict[str, torch.Tensor], *inputs: torch.T
     """`module` applied to each row of `inputs` with that row's own `params` (each (B, ...)).
 
     Parameter-free modules are row-independent and run once on the whole batch;
+    modules that declare `rowwise_params` take the (B, ...) parameters as they are;
     others run vectorised over rows (torch.func.vmap), no Python loop.
     """
     if not params:
         return module(*inputs)
+    if getattr(module, "rowwise_params", False):
+        return functional_call(module, params, inputs)
     one = lambda p, *xs: functional_call(module, p, tuple(x[None] for x in xs))[0]   # noqa: E731
     return vmap(one)(params, *inputs)
 

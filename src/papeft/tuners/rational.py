@@ -29,15 +29,20 @@ PAU_GELU_INIT = ((-0.000422107, 0.499999555, 0.402705355, 0.073669769, -0.012954
 
 
 def _horner(coeffs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """sum_i coeffs[i] x^i, evaluated from the highest power down."""
-    out = torch.zeros_like(x) + coeffs[-1]
-    for c in coeffs.flip(0)[1:]:
-        out = out * x + c
+    """sum_i coeffs[..., i] x^i, evaluated from the highest power down. coeffs (n,) are shared;
+    (B, n) are per row of x (B, ...) (serving: one tenant's coefficients per row)."""
+    if coeffs.dim() == 2:
+        coeffs = coeffs.view(coeffs.shape[0], *[1] * (x.dim() - 1), coeffs.shape[1])   # (B, 1.., n)
+    out = torch.zeros_like(x) + coeffs[..., -1]
+    for i in range(coeffs.shape[-1] - 2, -1, -1):
+        out = out * x + coeffs[..., i]
     return out
 
 
 class RationalActivation(nn.Module):
     """Safe PAU, degrees (5, 4), one instance per vector generator so every layer learns its own."""
+
+    rowwise_params = True      # numerator (B, 6) / denominator (B, 4) may carry a row axis
 
     def __init__(self, init: tuple = GELU_INIT):
         super().__init__()

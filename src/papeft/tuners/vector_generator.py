@@ -49,12 +49,15 @@ class CapsulePooler(nn.Module):
         self.W = nn.Parameter(torch.randn(num_capsules, r, self.c) * 0.02)  # (K, r, r/K)
         self.v = nn.Parameter(torch.randn(num_capsules, r) * 0.02) if attention else None  # (K, r)
 
+    rowwise_params = True      # W (B, K, r, c) and v (B, K, r) may carry a row axis: one tenant per row
+
     def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B, T = h.shape[:2]
+        row = "b" if self.W.dim() == 4 else ""                     # per-row weights (serving) or shared
         tok_mask = mask[:, None, :]                                # (B, 1, T)
-        m = torch.einsum("btr,krc->bktc", h, self.W)               # (B, K, T, c)  eq. 7
+        m = torch.einsum(f"btr,{row}krc->bktc", h, self.W)         # (B, K, T, c)  eq. 7
         if self.v is not None:
-            b = torch.einsum("btr,kr->bkt", h, self.v)             # (B, K, T)     eq. 9
+            b = torch.einsum(f"btr,{row}kr->bkt", h, self.v)       # (B, K, T)     eq. 9
         else:
             b = h.new_zeros(B, self.K, T)                          # (B, K, T)     uniform start
         c = squash(torch.einsum("bkt,bktc->bkc", masked_softmax(b, tok_mask), m))  # (B, K, c) eq. 8
