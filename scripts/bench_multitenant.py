@@ -3,7 +3,7 @@
     python scripts/bench_multitenant.py                         # SmolLM2-135M, batch 1/8, tenants 1/8, beams 1/3
     python scripts/bench_multitenant.py --random-config llama2_7b --dtype bfloat16    # the paper's shape, GPU
     python scripts/bench_multitenant.py --batch-sizes 8 --tenants 8 --repeats 2 --new-tokens 8   # a quick check
-    python scripts/bench_multitenant.py --profile parade        # torch.profiler's top ops for one method
+    python scripts/bench_multitenant.py --profile bare,parade,lora_gathered   # where the time goes, per op
 
 Every method serves a batch through `MultiTenantEngine` on one frozen backbone; row i
 belongs to tenant i % tenants (random adapter weights of the right shapes, saved and
@@ -26,7 +26,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
+import platform
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +45,7 @@ from papeft.backbones import DTYPES, _load_gguf_cached, load_backbone, load_toke
 from papeft.io import write_json, write_text
 from papeft.prompting import PromptFormatter
 from papeft.serving import MultiTenantEngine, Request
+from papeft.serving.bench_tables import TARGETS_AT, check_targets, notes, spread_pct, write_tables
 from papeft.serving.memory import PeakMemory, TensorPeak, sync
 from papeft.serving.tenants import meta_skeleton
 from papeft.tuners import build_method
@@ -69,7 +75,6 @@ RANDOM_SHAPES = {
 METHODS = {"bare": (None, "main"), "parade": ("parade", "main"), "para": ("para", "main"),
            "pedro": ("pedro", "main"), "ia3": ("ia3", "main"), "lora_peft": ("lora", "peft"),
            "lora_gathered": ("lora", "main"), "lopa": ("lopa", "main")}
-TARGETS_AT = (8, 8)              # (batch, tenants) of the acceptance targets
 
 
 # ---- backbone, prompt, tenants ------------------------------------------------
@@ -167,69 +172,34 @@ def resident_bytes(engine: MultiTenantEngine, method: str) -> int:
     return engine.weight_bytes(names)
 
 
-# ---- tables -----------------------------------------------------------------------
-COLUMNS = ["batch", "tenants", "beams", "method", "prefill_ms", "prefill_x_bare", "prefill_spread_pct",
-           "decode_tok_s", "decode_x_bare", "decode_spread_pct", "total_tok_s", "peak_mib", "peak_x_bare",
-           "tensor_peak_mib", "tensor_peak_x_bare"]
-
-
-def fmt(v) -> str:
-    """Ratios with 3 decimals, other floats with 1."""
-    return v if isinstance(v, str) else str(v) if isinstance(v, int) else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
-
-
-def spread_pct(values: list[float]) -> float:
-    return 100 * (max(values) - min(values)) / statistics.median(values)
-
-
-def write_tables(rows: list[dict], stem: Path, header: str) -> None:
-    cells = [[fmt(r[c]) for c in COLUMNS] for r in rows]
-    md = [header, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    md += ["| " + " | ".join(c) + " |" for c in cells]
-    write_text(stem.with_suffix(".md"), "\n".join(md) + "\n")
-    write_text(stem.with_suffix(".csv"), "\n".join([",".join(COLUMNS)] + [",".join(str(r[c]) for c in COLUMNS)
-                                                                           for r in rows]) + "\n")
-    tex = ["% " + header.replace("\n", "\n% "), "\\begin{tabular}{" + "r" * 3 + "l" + "r" * (len(COLUMNS) - 4) + "}",
-           "\\toprule", " & ".join(c.replace("_", "\\_") for c in COLUMNS) + " \\\\", "\\midrule"]
-    tex += [" & ".join(x.replace("_", "\\_") for x in c) + " \\\\" for c in cells]
-    write_text(stem.with_suffix(".tex"), "\n".join(tex + ["\\bottomrule", "\\end{tabular}"]) + "\n")
-
-
-def check_targets(rows: list[dict]) -> list[str]:
-    """PASS/MISS per target at batch 8 with 8 tenants (PARADE vs bare, peft LoRA, gathered LoRA)."""
-    lines = []
-    cell = {(r["batch"], r["tenants"], r["beams"], r["method"]): r for r in rows}
-    for beams in sorted({r["beams"] for r in rows}):
-        get = lambda m: cell.get((*TARGETS_AT, beams, m))             # noqa: E731
-        p = get("parade")
-        if p is None:
-            continue
-        checks = [("decode tok/s vs bare", get("bare"), "decode_tok_s", ">=", 0.97),
-                  ("decode tok/s vs peft mixed-batch LoRA", get("lora_peft"), "decode_tok_s", ">=", 1.5),
-                  ("decode tok/s vs gathered LoRA", get("lora_gathered"), "decode_tok_s", ">=", 1.1),
-                  ("prefill time vs bare", get("bare"), "prefill_ms", "<=", 1.05),
-                  ("peak tensor memory vs peft LoRA", get("lora_peft"), "tensor_peak_mib", "<=", 1.0),
-                  ("peak tensor memory vs gathered LoRA", get("lora_gathered"), "tensor_peak_mib", "<=", 1.0),
-                  ("peak process memory vs peft LoRA (CPU: RSS)", get("lora_peft"), "peak_mib", "<=", 1.0)]
-        for what, other, key, op, bound in checks:
-            if other is None:
-                continue
-            ratio = p[key] / other[key]
-            if ratio != ratio:                                           # NaN: not measured (--no-tensor-peak)
-                lines.append(f"n/a   beams={beams} PARADE {what}: not measured")
-                continue
-            ok = ratio >= bound if op == ">=" else ratio <= bound
-            lines.append(f"{'PASS' if ok else 'MISS'}  beams={beams} PARADE {what}: {ratio:.3f}x (target {op} {bound})")
-    return lines
-
-
-def profile(engine, requests, args, beams: int) -> None:
+def profile(engines, methods: list[str], ids, args, batch: int, tenants: int, beams: int) -> str:
+    """Self time per op (ms per call, from torch.profiler) of one call of each method, side by side:
+    where a method's extra time goes. The ops with the most time in any method, largest first."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
-    with torch_profile(activities=acts) as prof:
-        engine.generate(requests, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, num_beams=beams)
-    key = "self_cuda_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=25))
+    cuda = args.device.startswith("cuda")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    times, counts = {}, {}
+    jobs = {m: (engines[METHODS[m][1]], make_requests(m, batch, tenants, ids)) for m in methods}
+    for e, reqs in jobs.values():
+        measure(e, reqs, 0, args, beams)                                 # warm
+    for _ in range(3):                       # interleaved rounds; per op the least time (host noise is additive)
+        for m, (e, reqs) in jobs.items():
+            with torch_profile(activities=acts) as prof:
+                e.generate(reqs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, num_beams=beams)
+            for ev in prof.key_averages():
+                ms = (ev.self_device_time_total if cuda else ev.self_cpu_time_total) / 1e3
+                per_method = times.setdefault(ev.key, {})
+                per_method[m] = min(ms, per_method.get(m, ms))
+                counts.setdefault(ev.key, {})[m] = ev.count
+    top = sorted(times, key=lambda k: -max(times[k].values()))[:20]
+    lines = [f"# profile: batch {batch}, tenants {tenants}, beams {beams}, {args.new_tokens} new tokens; self "
+             f"{'device' if cuda else 'CPU'} ms per call, least of 3 interleaved calls (op calls per call)",
+             f"{'op':<52}" + "".join(f"{m:>24}" for m in methods)]
+    for k in top:
+        lines.append(f"{k[:51]:<52}" + "".join(f"{times[k].get(m, 0):>15.1f} ({counts[k].get(m, 0):>6})"
+                                                 for m in methods))
+    lines.append(f"{'total':<52}" + "".join(f"{sum(t.get(m, 0) for t in times.values()):>24.1f}" for m in methods))
+    return "\n".join(lines)
 
 
 # ---- main -------------------------------------------------------------------------
@@ -287,19 +257,6 @@ def print_row(r: dict) -> None:
           f"({r['tensor_peak_x_bare']:.3f}x)", flush=True)
 
 
-def notes(targets: list[str]) -> str:
-    at = f"batch {TARGETS_AT[0]} with {TARGETS_AT[1]} tenants"
-    text = (f"targets are defined at {at}, smollm2_135m on 2 CPU cores" if targets
-            else f"no PARADE cell at {at}: targets not checked")
-    try:
-        from papeft.paper_numbers import SPEED_TABLE4
-        paper = "; ".join(f"{m} {v['beam1']}/{v['beam3']}" for m, v in SPEED_TABLE4.items())
-        text += f"\npaper Table 4 (LLaMA-2 7B, batch 1, tok/s beam 1/3): {paper}"
-    except ImportError:
-        pass
-    return text
-
-
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backbone", default="smollm2_135m", help="configs/backbone/NAME.yaml (real weights)")
@@ -315,14 +272,17 @@ def parse_args(argv):
                     f"{PAPER_PROMPT_TOKENS} with --random-config)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--profile", metavar="METHOD", help="print torch.profiler's top ops for one method")
+    ap.add_argument("--profile", metavar="METHODS", help="after the table, per-op self times of one call of each "
+                    "of these methods (comma list) at the largest batch/tenants and the last beam count")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--no-tensor-peak", dest="tensor_peak", action="store_false",
                     help="on CPU, skip the traced run that measures the exact tensor peak (target cells only)")
     ap.add_argument("--out", default=str(REPO / "results/bench"))
+    ap.add_argument("--rerender", metavar="JSON", help="only rewrite the tables of a saved run from its .json")
     args = ap.parse_args(argv)
     args.methods = ["bare"] + [m for m in args.methods.split(",") if m and m != "bare"]
-    unknown = sorted(set(args.methods + ([args.profile] if args.profile else [])) - set(METHODS))
+    args.profile = [m for m in (args.profile or "").split(",") if m]
+    unknown = sorted(set(args.methods + args.profile) - set(METHODS))
     if unknown:
         ap.error(f"unknown method(s) {unknown}; known: {list(METHODS)}")
     for key in ("batch_sizes", "tenants", "beams"):
@@ -330,29 +290,53 @@ def parse_args(argv):
     return args
 
 
+def machine(device: str) -> str:
+    """CPU model and thread count, or the GPU; torch version."""
+    if device.startswith("cuda"):
+        where = torch.cuda.get_device_name(torch.device(device))
+    else:
+        cpu = next((x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
+                    if x.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+        where = f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return f"{where}, torch {torch.__version__}"
+
+
+def rerender(path: Path) -> int:
+    """Rewrite the md/csv/tex tables of a saved run (its .json) without measuring again."""
+    saved = json.loads(path.read_text())
+    write_tables(saved["rows"], path.with_suffix(""), saved["header"])
+    print(f"wrote {path.with_suffix('')}.{{md,csv,tex}} from {path}")
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.rerender:
+        return rerender(Path(args.rerender))
     if args.threads:
         torch.set_num_threads(args.threads)
     backbone, ids, label = backbone_and_prompt(args)
-    engines = build_engines(backbone, args.methods, max(args.tenants))
+    engines = build_engines(backbone, list(dict.fromkeys(args.methods + args.profile)), max(args.tenants))
     print(f"# {label}: prompt {len(ids)} tokens, {args.new_tokens} new, torch threads {torch.get_num_threads()}, "
           f"methods {args.methods}, repeats {args.repeats} (+{args.warmup} warm-up)")
     rows = [row for batch in args.batch_sizes for tenants in args.tenants if tenants <= batch
             for beams in args.beams for row in run_cell(engines, args.methods, ids, args, batch, tenants, beams)]
     targets = check_targets(rows)
     note = notes(targets)
+    command = "python scripts/bench_multitenant.py" + "".join(" " + shlex.quote(a) for a in argv)
     header = (f"Multi-tenant generation, {label}: App. F prompt ({len(ids)} tokens), {args.new_tokens} new tokens, "
-              f"median of {args.repeats} interleaved runs.\n{note}")
+              f"median of {args.repeats} interleaved runs.\nMade by `{command}` on {machine(args.device)}.\n{note}"
+              + "".join("\n" + t for t in targets))
     stem = Path(args.out) / f"multitenant-{label}"
     write_tables(rows, stem, header)
-    write_json(stem.with_suffix(".json"), {"args": vars(args), "rows": rows, "targets": targets})
+    write_json(stem.with_suffix(".json"), {"args": vars(args), "header": header, "rows": rows, "targets": targets})
     print("\n".join([note] + targets + [f"wrote {stem}.{{md,csv,tex,json}}"]))
     if args.profile:
-        batch, tenants, beams = max(args.batch_sizes), max(args.tenants), args.beams[0]
-        e = engines[METHODS[args.profile][1]]
-        print(f"\n# profile: {args.profile}, batch {batch}, tenants {tenants}, beams {beams}")
-        profile(e, make_requests(args.profile, batch, tenants, ids), args, beams)
+        text = profile(engines, args.profile, ids, args, max(args.batch_sizes), max(args.tenants), args.beams[-1])
+        write_text(stem.with_name(stem.name + "-profile.txt"), f"# made by `{command}` on {machine(args.device)}\n"
+                   + text + "\n")
+        print("\n" + text)
     return 0
 
 

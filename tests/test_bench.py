@@ -21,7 +21,7 @@ def test_benchmark_writes_tables_for_every_method(tmp_path, capsys):
     bench = load_bench()
     assert bench.main(["--random-config", "tiny_llama", "--batch-sizes", "8", "--tenants", "8", "--beams", "1,3",
                        "--new-tokens", "3", "--prompt-tokens", "20", "--repeats", "2", "--warmup", "0",
-                       "--out", str(tmp_path)]) == 0
+                       "--out", str(tmp_path), "--profile", "parade,lora_gathered"]) == 0
     stem = tmp_path / "multitenant-tiny_llama-cpu-float32"
     rows = list(csv.DictReader(stem.with_suffix(".csv").open()))
     methods = ["bare", "parade", "para", "pedro", "ia3", "lora_peft", "lora_gathered", "lopa"]
@@ -39,6 +39,10 @@ def test_benchmark_writes_tables_for_every_method(tmp_path, capsys):
     tex = stem.with_suffix(".tex").read_text()
     assert "\\begin{tabular}" in tex and tex.count("\\\\") == 1 + len(rows)
     assert "wrote" in capsys.readouterr().out
+    prof = (tmp_path / "multitenant-tiny_llama-cpu-float32-profile.txt").read_text().splitlines()
+    assert prof[0].startswith("# made by `python scripts/bench_multitenant.py --random-config tiny_llama")
+    assert prof[2].split() == ["op", "parade", "lora_gathered"] and prof[-1].startswith("total")
+    assert any(line.startswith("aten::bmm") for line in prof)          # gathered LoRA's batched matmuls
 
 
 def test_benchmark_rejects_unknown_method():

@@ -1,0 +1,77 @@
+"""Tables and target checks of scripts/bench_multitenant.py (Markdown, CSV, LaTeX from one list of rows)."""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from papeft.io import write_text
+
+TARGETS_AT = (8, 8)              # (batch, tenants) of the acceptance targets
+COLUMNS = ["batch", "tenants", "beams", "method", "prefill_ms", "prefill_x_bare", "prefill_spread_pct",
+           "decode_tok_s", "decode_x_bare", "decode_spread_pct", "total_tok_s", "peak_mib", "peak_x_bare",
+           "tensor_peak_mib", "tensor_peak_x_bare"]
+
+
+def fmt(column: str, v, nan: str = "–") -> str:
+    """Ratios with 3 decimals, other floats with 1; NaN (not measured) as `nan`."""
+    if isinstance(v, (str, int)):
+        return str(v)
+    return nan if v != v else f"{v:.3f}" if column.endswith("_x_bare") else f"{v:.1f}"
+
+
+def spread_pct(values: list[float]) -> float:
+    return 100 * (max(values) - min(values)) / statistics.median(values)
+
+
+def write_tables(rows: list[dict], stem: Path, header: str) -> None:
+    cells = [[fmt(c, r[c]) for c in COLUMNS] for r in rows]
+    md = [header, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    md += ["| " + " | ".join(c) + " |" for c in cells]
+    write_text(stem.with_suffix(".md"), "\n".join(md) + "\n")
+    write_text(stem.with_suffix(".csv"), "\n".join([",".join(COLUMNS)] + [",".join(str(r[c]) for c in COLUMNS)
+                                                                           for r in rows]) + "\n")
+    tex = ["% " + header.replace("\n", "\n% "), "\\begin{tabular}{" + "r" * 3 + "l" + "r" * (len(COLUMNS) - 4) + "}",
+           "\\toprule", " & ".join(c.replace("_", "\\_") for c in COLUMNS) + " \\\\", "\\midrule"]
+    tex += [" & ".join(fmt(k, r[k], "--").replace("_", "\\_") for k in COLUMNS) + " \\\\" for r in rows]
+    write_text(stem.with_suffix(".tex"), "\n".join(tex + ["\\bottomrule", "\\end{tabular}"]) + "\n")
+
+
+def check_targets(rows: list[dict]) -> list[str]:
+    """PASS/MISS per target at batch 8 with 8 tenants (PARADE vs bare, peft LoRA, gathered LoRA)."""
+    lines = []
+    cell = {(r["batch"], r["tenants"], r["beams"], r["method"]): r for r in rows}
+    for beams in sorted({r["beams"] for r in rows}):
+        get = lambda m: cell.get((*TARGETS_AT, beams, m))             # noqa: E731
+        p = get("parade")
+        if p is None:
+            continue
+        checks = [("decode tok/s vs bare", get("bare"), "decode_tok_s", ">=", 0.97),
+                  ("decode tok/s vs peft mixed-batch LoRA", get("lora_peft"), "decode_tok_s", ">=", 1.5),
+                  ("decode tok/s vs gathered LoRA", get("lora_gathered"), "decode_tok_s", ">=", 1.1),
+                  ("prefill time vs bare", get("bare"), "prefill_ms", "<=", 1.05),
+                  ("peak tensor memory vs peft LoRA", get("lora_peft"), "tensor_peak_mib", "<=", 1.0),
+                  ("peak tensor memory vs gathered LoRA", get("lora_gathered"), "tensor_peak_mib", "<=", 1.0),
+                  ("peak process memory vs peft LoRA (CPU: RSS)", get("lora_peft"), "peak_mib", "<=", 1.0)]
+        for what, other, key, op, bound in checks:
+            if other is None:
+                continue
+            ratio = p[key] / other[key]
+            if ratio != ratio:                                           # NaN: not measured (--no-tensor-peak)
+                lines.append(f"n/a   beams={beams} PARADE {what}: not measured")
+                continue
+            ok = ratio >= bound if op == ">=" else ratio <= bound
+            lines.append(f"{'PASS' if ok else 'MISS'}  beams={beams} PARADE {what}: {ratio:.3f}x (target {op} {bound})")
+    return lines
+
+
+def notes(targets: list[str]) -> str:
+    at = f"batch {TARGETS_AT[0]} with {TARGETS_AT[1]} tenants"
+    text = (f"targets are defined at {at}, smollm2_135m on 2 CPU cores" if targets
+            else f"no PARADE cell at {at}: targets not checked")
+    try:
+        from papeft.paper_numbers import SPEED_TABLE4
+        paper = "; ".join(f"{m} {v['beam1']}/{v['beam3']}" for m, v in SPEED_TABLE4.items())
+        text += f"\npaper Table 4 (LLaMA-2 7B, batch 1, tok/s beam 1/3): {paper}"
+    except ImportError:
+        pass
+    return text
