@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--methods", default="lora", help="comma list, or 'all' (every configs/method/*.yaml)")
     ap.add_argument("--tasks", default="copa", help="comma list of task names")
     ap.add_argument("--name", default="smoke")
+    ap.add_argument("--out-root", default="results/smoke/runs", help="where the runs go (finished runs are skipped)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides (after --)")
     args = ap.parse_args()
     methods = (sorted(p.stem for p in (REPO / "configs/method").glob("*.yaml"))
@@ -66,12 +67,12 @@ def main() -> None:
     if "lora" in methods:                       # LoRA first: the reference for step times
         methods.remove("lora")
         methods.insert(0, "lora")
-    out_root = REPO / "results/smoke/runs"
+    out_root = REPO / args.out_root
     rows = [run_cell(m, t, args.overrides, out_root) for t in args.tasks.split(",") for m in methods]
     cmd = "python scripts/smoke_matrix.py " + " ".join(sys.argv[1:])
     text = (f"# {args.name}\n\nMade by `{cmd}` (trainer=smoke: 24 optimizer steps, 32 train / 16 test "
             f"examples; scores say nothing about the methods).\n\n" + table(rows) +
-            "\nPer cell: `" + rows[0]["command"].replace(str(out_root), "results/smoke/runs") + "` (method/task varied).\n")
+            "\nPer cell: `" + rows[0]["command"].replace(str(out_root), args.out_root) + "` (method/task varied).\n")
     write_text(REPO / f"results/smoke/{args.name}.md", text)
     print(text)
     sys.exit(0 if all("step_s" in r for r in rows) else 1)
