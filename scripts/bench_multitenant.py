@@ -125,12 +125,17 @@ def random_adapter(hf_config, method_yaml: str, seed: int, directory: Path) -> P
 
 
 # ---- measurement ----------------------------------------------------------------
+def generate_fixed(engine: MultiTenantEngine, requests: list[Request], args, beams: int) -> list:
+    """One measured call: exactly `--new-tokens` new tokens per row."""
+    return engine.generate(requests, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, num_beams=beams)
+
+
 def tensor_peak_extra(engine: MultiTenantEngine, requests: list[Request], args, beams: int) -> int:
     existing = list(engine.backbone.parameters()) + list(engine.backbone.buffers())
     existing += [t for bank in engine.banks.values() for t in bank.stack.tensors.values()]
     existing += [p for t in engine.tenants.values() if getattr(t, "model", None) for p in t.model.parameters()]
     with TensorPeak(existing) as tracker:
-        engine.generate(requests, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, num_beams=beams)
+        generate_fixed(engine, requests, args, beams)
     return tracker.peak
 
 
@@ -147,8 +152,7 @@ def measure(engine: MultiTenantEngine, requests: list[Request], resident: int, a
     try:
         sync(args.device)
         t0 = time.perf_counter()
-        results = engine.generate(requests, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                  num_beams=beams)
+        results = generate_fixed(engine, requests, args, beams)
         sync(args.device)
         t1 = time.perf_counter()
     finally:
@@ -167,25 +171,30 @@ def make_requests(method: str, batch: int, tenants: int, ids: list[int]) -> list
     return [Request(ids, f"{method}-{i % tenants}") for i in range(batch)]
 
 
+def make_jobs(engines, methods: list[str], batch: int, tenants: int, ids: list[int]) -> dict:
+    """method -> (the engine serving it, its requests)."""
+    return {m: (engines[METHODS[m][1]], make_requests(m, batch, tenants, ids)) for m in methods}
+
+
 def resident_bytes(engine: MultiTenantEngine, method: str) -> int:
     names = {n for n in engine.tenants if n.startswith(f"{method}-")}
     return engine.weight_bytes(names)
 
 
 def profile(engines, methods: list[str], ids, args, batch: int, tenants: int, beams: int) -> str:
-    """Self time per op (ms per call, from torch.profiler) of one call of each method, side by side:
-    where a method's extra time goes. The ops with the most time in any method, largest first."""
+    """Self time per op (ms per call, from torch.profiler; the least of 3 interleaved calls) of each
+    method, side by side: where a method's extra time goes. The ops with the most time in any method first."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     cuda = args.device.startswith("cuda")
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     times, counts = {}, {}
-    jobs = {m: (engines[METHODS[m][1]], make_requests(m, batch, tenants, ids)) for m in methods}
+    jobs = make_jobs(engines, methods, batch, tenants, ids)
     for e, reqs in jobs.values():
         measure(e, reqs, 0, args, beams)                                 # warm
     for _ in range(3):                       # interleaved rounds; per op the least time (host noise is additive)
         for m, (e, reqs) in jobs.items():
             with torch_profile(activities=acts) as prof:
-                e.generate(reqs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, num_beams=beams)
+                generate_fixed(e, reqs, args, beams)
             for ev in prof.key_averages():
                 ms = (ev.self_device_time_total if cuda else ev.self_cpu_time_total) / 1e3
                 per_method = times.setdefault(ev.key, {})
@@ -219,7 +228,7 @@ def build_engines(backbone: nn.Module, methods: list[str], tenants: int) -> dict
 
 def run_cell(engines, methods, ids, args, batch: int, tenants: int, beams: int) -> list[dict]:
     """One (batch, tenants, beams) cell: warm-up, interleaved repeats, medians and ratios to bare."""
-    jobs = {m: (engines[METHODS[m][1]], make_requests(m, batch, tenants, ids)) for m in methods}
+    jobs = make_jobs(engines, methods, batch, tenants, ids)
     resident = {m: resident_bytes(e, m) for m, (e, _) in jobs.items()}
     samples = {m: [] for m in methods}
     for _ in range(args.warmup):
@@ -272,8 +281,8 @@ def parse_args(argv):
                     f"{PAPER_PROMPT_TOKENS} with --random-config)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--profile", metavar="METHODS", help="after the table, per-op self times of one call of each "
-                    "of these methods (comma list) at the largest batch/tenants and the last beam count")
+    ap.add_argument("--profile", metavar="METHODS", help="after the table, per-op self times (least of 3 calls) of "
+                    "these methods (comma list) at the largest batch/tenants and the last beam count")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--no-tensor-peak", dest="tensor_peak", action="store_false",
                     help="on CPU, skip the traced run that measures the exact tensor peak (target cells only)")
@@ -295,8 +304,10 @@ def machine(device: str) -> str:
     if device.startswith("cuda"):
         where = torch.cuda.get_device_name(torch.device(device))
     else:
-        cpu = next((x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
-                    if x.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+        info = Path("/proc/cpuinfo")
+        models = [x.split(":", 1)[1].strip() for x in (info.read_text().splitlines() if info.exists() else [])
+                  if x.startswith("model name")]
+        cpu = models[0] if models else platform.processor()
         where = f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     return f"{where}, torch {torch.__version__}"
 

@@ -28,7 +28,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from papeft.checkpoint import (Checkpointer, NonFiniteLossError, PreemptionGuard, load_optimizer_state,
                                optimizer_state, prefixed, rng_state, set_rng_state, unprefixed)
-from papeft.distributed import Parallel, pick_device  # noqa: F401  (pick_device: public here too)
+from papeft.distributed import Parallel
 from papeft.prompting import Encoded, collate_prompts, collate_train
 from papeft.tuners.base import AdaptedModel
 

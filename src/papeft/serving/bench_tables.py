@@ -5,6 +5,8 @@ import statistics
 from pathlib import Path
 
 from papeft.io import write_text
+from papeft.paper_numbers import SPEED_TABLE4
+from papeft.report_format import tex_escape
 
 TARGETS_AT = (8, 8)              # (batch, tenants) of the acceptance targets
 COLUMNS = ["batch", "tenants", "beams", "method", "prefill_ms", "prefill_x_bare", "prefill_spread_pct",
@@ -31,8 +33,8 @@ def write_tables(rows: list[dict], stem: Path, header: str) -> None:
     write_text(stem.with_suffix(".csv"), "\n".join([",".join(COLUMNS)] + [",".join(str(r[c]) for c in COLUMNS)
                                                                            for r in rows]) + "\n")
     tex = ["% " + header.replace("\n", "\n% "), "\\begin{tabular}{" + "r" * 3 + "l" + "r" * (len(COLUMNS) - 4) + "}",
-           "\\toprule", " & ".join(c.replace("_", "\\_") for c in COLUMNS) + " \\\\", "\\midrule"]
-    tex += [" & ".join(fmt(k, r[k], "--").replace("_", "\\_") for k in COLUMNS) + " \\\\" for r in rows]
+           "\\toprule", " & ".join(map(tex_escape, COLUMNS)) + " \\\\", "\\midrule"]
+    tex += [" & ".join(tex_escape(fmt(k, r[k], "--")) for k in COLUMNS) + " \\\\" for r in rows]
     write_text(stem.with_suffix(".tex"), "\n".join(tex + ["\\bottomrule", "\\end{tabular}"]) + "\n")
 
 
@@ -68,10 +70,5 @@ def notes(targets: list[str]) -> str:
     at = f"batch {TARGETS_AT[0]} with {TARGETS_AT[1]} tenants"
     text = (f"targets are defined at {at}, smollm2_135m on 2 CPU cores" if targets
             else f"no PARADE cell at {at}: targets not checked")
-    try:
-        from papeft.paper_numbers import SPEED_TABLE4
-        paper = "; ".join(f"{m} {v['beam1']}/{v['beam3']}" for m, v in SPEED_TABLE4.items())
-        text += f"\npaper Table 4 (LLaMA-2 7B, batch 1, tok/s beam 1/3): {paper}"
-    except ImportError:
-        pass
-    return text
+    paper = "; ".join(f"{m} {v['beam1']}/{v['beam3']}" for m, v in SPEED_TABLE4.items())
+    return text + f"\npaper Table 4 (LLaMA-2 7B, batch 1, tok/s beam 1/3): {paper}"

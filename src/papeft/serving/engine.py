@@ -7,8 +7,8 @@
 How each kind of row is served (hooks and patched forwards installed for the call only, removed after):
 * vector tenants (PARADE / PARA / PEDRO): at prefill a pre-hook on each decoder
   layer runs the generators of all rows at once with their own gathered weights
-  (tenants.VectorBank: bmm over (B, d, r) and (B, r, W), vmap for capsule and
-  rational parameters) and writes the rows' vectors into per-module scale
+  (tenants.VectorBank: bmm over (B, d, r) and (B, r, W); capsule and rational
+  parameters gathered per row, see tenants.per_row) and writes the rows' vectors into per-module scale
   tensors (P, 1, width), one row per prompt. The layer pre-hooks are removed once
   the prefill forward returns: a decode step runs only `out *= scale` per scaled
   module (its forward patched for the call, restored after). Beam search expands
