@@ -28,7 +28,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -44,6 +43,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 from papeft.backbones import DTYPES, _load_gguf_cached, load_backbone, load_tokenizer
 from papeft.io import write_json, write_text
 from papeft.prompting import PromptFormatter
+from papeft.provenance import cpu_model
 from papeft.serving import MultiTenantEngine, Request
 from papeft.serving.bench_tables import TARGETS_AT, check_targets, notes, spread_pct, write_tables
 from papeft.serving.memory import PeakMemory, TensorPeak, sync
@@ -304,11 +304,7 @@ def machine(device: str) -> str:
     if device.startswith("cuda"):
         where = torch.cuda.get_device_name(torch.device(device))
     else:
-        info = Path("/proc/cpuinfo")
-        models = [x.split(":", 1)[1].strip() for x in (info.read_text().splitlines() if info.exists() else [])
-                  if x.startswith("model name")]
-        cpu = models[0] if models else platform.processor()
-        where = f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+        where = f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     return f"{where}, torch {torch.__version__}"
 
 

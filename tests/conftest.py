@@ -1,3 +1,4 @@
+import contextlib
 import os
 from pathlib import Path
 
@@ -35,3 +36,24 @@ def shared_data() -> Path:
     if not root.is_dir():
         pytest.skip(f"data root {root} not found (set PAPEFT_DATA)")
     return root
+
+
+@contextlib.contextmanager
+def float64():
+    """Build and run in float64: tests that claim two paths are "the same computation" then differ by
+    ~1e-15 (or, past transformers' float32 RMSNorm, by float32 ulps), never by a torch build's summation order."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def within_float32_ulps(a: torch.Tensor, b: torch.Tensor, ulps: int = 64) -> None:
+    """a == b up to `ulps` float32 ulps of the largest |value| (float64 tensors). transformers' RMSNorm
+    computes in float32 even in a float64 model, so two float64 paths that differ by one float64 ulp before
+    a norm can differ by one float32 ulp after it, a few more after the next layers. A wrong weight, a term
+    counted twice or a row given another tenant's weights moves values by orders of magnitude more."""
+    scale = max(a.abs().max().item(), b.abs().max().item(), 1e-30)
+    torch.testing.assert_close(a, b, rtol=0, atol=ulps * torch.finfo(torch.float32).eps * scale)

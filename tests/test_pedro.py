@@ -75,6 +75,8 @@ def test_outer_parameters_are_the_rational_coefficients_of_every_layer():
 def test_bad_config_names_the_key():
     with pytest.raises(ValueError, match="method.activation"):
         build_method(tiny_model(), {**PEDRO, "activation": "gelu"})
+    with pytest.raises(ValueError, match="method.activation"):
+        build_method(tiny_model(), {**PEDRO, "activation": "identity"})
     with pytest.raises(ValueError, match="method.val_fraction"):
         build_method(tiny_model(), {**PEDRO, "val_fraction": 1.5})
     with pytest.raises(ValueError, match="method.pooler"):
@@ -106,8 +108,8 @@ def one_bilevel_step(outer_lr):
     calls = []
     accumulate = trainer._accumulate
 
-    def recording(batch, micro):
-        out = accumulate(batch, micro)
+    def recording(batch, micro, **kw):
+        out = accumulate(batch, micro, **kw)
         calls.append({"examples": [id(e) for e in batch],
                       "coef_grads": [p.grad.clone() for p in m.outer_parameters()]})
         return out
@@ -173,3 +175,23 @@ def test_save_and_load_roundtrip_includes_the_coefficients(tmp_path):
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, m(ids).logits)
         assert not torch.equal(fresh(ids).logits, tiny_model()(ids).logits)
+
+
+def test_rational_pau_is_a_learnable_bilevel_pedro_variant():
+    m = build_method(tiny_model(), {**PEDRO, "activation": "rational_pau"})
+    init = torch.tensor(PAU_GELU_INIT[0])
+    assert all(torch.allclose(act.numerator, init) for act in m.rational_activations())
+    assert len(m.outer_parameters()) == 2 * len(m.generators)
+    cfg = TrainerConfig(progress=False, device="cpu", lr=1e-2, max_steps=2, batch_size=3)
+    Trainer(m, cfg, pad_id=0, eos_id=2, seed=0).fit(examples(), [])
+    assert not torch.allclose(m.rational_activations()[0].numerator, init)   # the outer step moved them
+
+
+@pytest.mark.parametrize("val_fraction", [0.25, 0.5])
+def test_schedule_is_planned_from_d_train_not_the_whole_training_set(val_fraction):
+    """One epoch over D_train: ceil(|D_train| / batch) steps, D_val held out first."""
+    m = build_method(tiny_model(), {**PEDRO, "val_fraction": val_fraction})
+    cfg = TrainerConfig(progress=False, device="cpu", lr=1e-3, max_epochs=1, batch_size=2)
+    fit = Trainer(m, cfg, pad_id=0, eos_id=2, seed=0).fit(examples(8), [])
+    n_train = 8 - round(val_fraction * 8)
+    assert fit["planned_steps"] == fit["steps"] == -(-n_train // 2)

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from papeft.tuners.base import build_method
 from papeft.tuners import adalora, lopa, prompt_learning  # noqa: F401  (registration)
-from conftest import REPO, VOCAB, tiny_model
+from conftest import REPO, VOCAB, tiny_model, within_float32_ulps
 
 ARCHS = ["llama", "gemma", "gpt2", "gpt_neox"]
 PROMPT_YAMLS = ["prompt_tuning", "ptuning", "ptuning_v2"]
@@ -116,13 +116,39 @@ def test_adalora_resume_state_continues_identically():
 def test_adalora_orthogonality_regulariser_reaches_the_gradient():
     m = build(yaml_cfg("adalora"))
     m.train()
-    ids = ids_batch()
-    m(ids).logits.sum().mul(0).backward()        # the task loss has zero gradient ...
+    m.step_regularizer().backward()
     grads = [p.grad for n, p in m.named_parameters() if ".lora_A." in n]
-    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)   # ... R(A, B) does not
-    m.eval()                                      # eval: the logits are peft's, untouched
-    with torch.no_grad():
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert build(yaml_cfg("adalora", orth_reg_weight=0.0)).step_regularizer() is None
+    ids = ids_batch()
+    with torch.no_grad():                         # the forward is peft's, untouched
         assert torch.equal(m(ids).logits, m.model(input_ids=ids).logits)
+
+
+def _adalora_step_grads(micro: int, weight: float) -> dict:
+    from papeft.prompting import Encoded
+    from papeft.trainer import Trainer, TrainerConfig
+    m = build(yaml_cfg("adalora", orth_reg_weight=weight)).double().train()    # float64: sums in any order agree
+    scramble(m, scale=0.5)
+    g = torch.Generator().manual_seed(3)
+    examples = [Encoded(torch.randint(3, 90, (6,), generator=g).tolist(),
+                        torch.randint(3, 90, (1 + k % 3,), generator=g).tolist() + [2]) for k in range(4)]
+    cfg = TrainerConfig(progress=False, device="cpu", batch_size=4, micro_batch_size=micro)
+    Trainer(m, cfg, pad_id=0, eos_id=2, seed=0)._accumulate(examples, micro, regularize=True)
+    return {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+
+def test_adalora_regulariser_enters_once_per_optimizer_step_whatever_the_micro_batch():
+    whole, per_example = _adalora_step_grads(4, 0.5), _adalora_step_grads(1, 0.5)
+    plain = _adalora_step_grads(4, 0.0)
+    m = build(yaml_cfg("adalora")).double().train()
+    scramble(m, scale=0.5)
+    (0.5 * m.orthogonality_loss()).backward()
+    reg = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+    for name in whole:
+        within_float32_ulps(per_example[name], whole[name])
+        within_float32_ulps(whole[name], plain[name] + (reg[name] if reg[name] is not None else 0))
+    assert any(reg[n] is not None and reg[n].abs().max() > 1e-3 for n in whole)   # the term is there
 
 
 def test_adalora_counts_and_bad_config():

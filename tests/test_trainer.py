@@ -9,7 +9,7 @@ from papeft.distributed import Parallel
 from papeft.prompting import Encoded
 from papeft.trainer import Trainer, TrainerConfig
 from papeft.tuners import build_method
-from conftest import tiny_model
+from conftest import float64, tiny_model
 
 
 def data(n, seed):
@@ -73,7 +73,8 @@ def test_data_parallel_shards_add_up_to_the_single_process_gradient():
     batch = data(5, 0)
     grads = []
     for parallel in (None, TwoRanks(0), TwoRanks(1)):
-        t = trainer()
+        with float64():                                     # sums over other slices: float64 (conftest)
+            t = trainer()
         if parallel is not None:
             t.parallel = parallel
         t.model.train()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from papeft.io import write_text
+from papeft.provenance import short_commit
 from papeft.report_format import (FAILED, LOWER_IS_BETTER, MISSING, expected_seeds, format_params,  # noqa: F401
                                   params_text, tasks_of, tex_escape, to_csv, to_latex, to_markdown)
 
@@ -198,6 +199,20 @@ def collect_notes(records: Iterable[dict]) -> list[str]:
     return list(notes)
 
 
+def code_note(records: Iterable[dict]) -> str:
+    """The caption line naming the commit(s) of the project that produced the tabulated runs."""
+    counts: dict[str, int] = {}
+    for rec in records:
+        if isinstance(rec, dict) and rec.get("status") == "complete" and not _problem(rec):
+            env = rec.get("environment")
+            key = short_commit(env if isinstance(env, dict) else None) or "unknown (run predates provenance)"
+            counts[key] = counts.get(key, 0) + 1
+    if len(counts) == 1:
+        return f"Code: papeft commit {next(iter(counts))}."
+    parts = [f"{c} ({n} run{'s' if n > 1 else ''})" for c, n in sorted(counts.items())]
+    return "Code: papeft commits " + ", ".join(parts) + "."
+
+
 def method_family(rec: dict) -> str:
     """The method a budget sweep varies: `parade_r24` -> `parade` (names without `_r<N>` stay)."""
     return re.sub(r"_r\d+$", "", str(rec["method"]))
@@ -240,7 +255,7 @@ def write_tables(run_dirs_or_metrics: Sequence[Path | str | dict], out_stem: Pat
         raise ValueError("no complete or failed runs to tabulate")
     done = {_key(r) for r in records if isinstance(r, dict) and not _problem(r)}
     failures = [f for f in failures if _key(f) not in done]
-    notes = collect_notes(records)
+    notes = [code_note(records)] + collect_notes(records)
     stem = Path(out_stem)
     texts = {"md": to_markdown(rows, notes, table, failures, iqr), "csv": to_csv(rows, table),
              "tex": to_latex(rows, notes, table, iqr)}

@@ -32,6 +32,7 @@ from papeft.checkpoint import CHECKPOINT_DIR, Checkpointer, Preempted, config_ha
 from papeft.distributed import Parallel
 from papeft.io import write_json, write_jsonl, write_text
 from papeft.prompting import PromptFormatter
+from papeft.provenance import environment
 from papeft.report import read_json, write_tables
 from papeft.tasks import get_task
 from papeft.trainer import Trainer, TrainerConfig
@@ -218,7 +219,8 @@ def _train_and_test(cfg: DictConfig, seed: int, out: Path, chash: str, parallel:
         "best_dev_loss": fit["best_dev_loss"], "dev_history": fit["history"],
         "n_train": len(splits.train), "n_dev": len(splits.dev), "n_test": len(splits.test),
         "split_protocol": cfg.task.split_protocol, "notes": list(splits.notes),
-        "num_beams": tcfg.num_beams, **parallel.describe(), "status": "complete",
+        "num_beams": tcfg.num_beams, **parallel.describe(), "environment": environment(parallel.device),
+        "status": "complete",
     }
     if parallel.is_main:
         write_jsonl(out / "predictions.jsonl", result.rows)

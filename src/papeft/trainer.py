@@ -124,19 +124,20 @@ class Trainer:
         cfg = self.cfg
         if not train:
             raise ValueError("the training split is empty: check task.max_train_samples and the data files")
+        outer = self.model.outer_parameters()
+        d_val: list[Encoded] = []
+        if outer:                                  # bi-level: D_val leaves the training set before planning
+            d_val, train = self._split_val(train)
         bs = cfg.effective_batch_size(len(train))
         micro = min(cfg.micro_batch_size, bs)
         steps_per_epoch = math.ceil(len(train) / bs)
         total = cfg.max_steps or cfg.max_epochs * steps_per_epoch
-        outer = self.model.outer_parameters()
         outer_ids = {id(p) for p in outer}
         params = [p for p in self.model.parameters() if p.requires_grad and id(p) not in outer_ids]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
         gen = torch.Generator().manual_seed(self.seed)
-        outer_step = None
-        if outer:
-            outer_step, train = self._outer_stepper(outer, train, micro)
+        outer_step = OuterStepper(self, outer, d_val, micro, self.model.bilevel_options()) if outer else None
         parts = {"opt": opt, "sched": sched, "gen": gen, "outer": outer_step}
 
         self.model.on_train_begin(total)
@@ -182,7 +183,7 @@ class Trainer:
 
     def _step(self, examples: list[Encoded], micro: int, params: list, st: TrainState, parts: dict) -> float:
         """One optimizer step (plus the outer step of a bi-level method); refuses NaN/inf."""
-        loss_sum, n_tok = self._accumulate(examples, micro)
+        loss_sum, n_tok = self._accumulate(examples, micro, regularize=True)
         if not math.isfinite(loss_sum):
             raise NonFiniteLossError(self._nonfinite("training loss", loss_sum, st.step + 1))
         norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
@@ -263,19 +264,21 @@ class Trainer:
         return st.step
 
     # ---- the pieces every step uses ---------------------------------------
-    def _outer_stepper(self, outer: list, train: list[Encoded], micro: int):
-        """Split D_val off `train` (a fixed shuffle) and return (the outer step, the remaining train)."""
-        opts = self.model.bilevel_options()
+    def _split_val(self, train: list[Encoded]) -> tuple[list[Encoded], list[Encoded]]:
+        """(D_val, D_train): a `val_fraction` slice of `train` under a fixed shuffle (not the run seed)."""
+        fraction = self.model.bilevel_options()["val_fraction"]
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(1234)).tolist()
-        n_val = max(1, int(round(opts["val_fraction"] * len(train))))
+        n_val = max(1, int(round(fraction * len(train))))
         if n_val >= len(train):
-            raise ValueError(f"bi-level val_fraction={opts['val_fraction']} leaves no training examples")
-        d_val = [train[i] for i in order[:n_val]]
-        return OuterStepper(self, outer, d_val, micro, opts), [train[i] for i in order[n_val:]]
+            raise ValueError(f"bi-level val_fraction={fraction} leaves no training examples")
+        return [train[i] for i in order[:n_val]], [train[i] for i in order[n_val:]]
 
-    def _accumulate(self, examples: list[Encoded], micro: int) -> tuple[float, int]:
+    def _accumulate(self, examples: list[Encoded], micro: int, regularize: bool = False) -> tuple[float, int]:
         """Forward/backward over micro-batches; the loss is the mean over all response tokens.
-        Data parallel: this process takes examples[rank::world]; DDP averages, so the loss is scaled by world."""
+        Data parallel: this process takes examples[rank::world]; DDP averages, so the loss is scaled by world.
+        `regularize`: the method's `step_regularizer` joins the first micro-batch's backward, once per
+        optimizer step (every process adds the same term, so DDP's average keeps its weight).
+        The returned loss is the token loss alone."""
         n_resp = sum(len(e.response) for e in examples)
         world = self.parallel.world
         mine = self.parallel.shard(examples)
@@ -288,7 +291,8 @@ class Trainer:
                 loss = self._token_loss(batch, self.train_model).sum() / n_resp
                 if world > 1:
                     loss = loss * (world * weight)
-                loss.backward()
+                extra = self.model.step_regularizer() if regularize and i == 0 else None
+                (loss if extra is None else loss + extra).backward()
             loss_sum += loss.item() / world
             n_tok += int(batch["attention_mask"].sum()) if mine else 0
         if world > 1:

@@ -68,7 +68,7 @@ class VectorTenant(Tenant):
 
 @dataclass
 class StaticScaleTenant(Tenant):
-    scales: dict[SiteKey, torch.Tensor] = field(default_factory=dict)   # full module width, fp32
+    scales: dict[SiteKey, torch.Tensor] = field(default_factory=dict)   # full module width
     kind: str = "static"
 
 
@@ -170,9 +170,9 @@ def _projected_ia3(name, directory, adapted, meta, state, **_) -> StaticScaleTen
     for i, vecs in enumerate(adapted.vectors):
         for site in adapted.sites:
             key = (i, site.path, "out")
+            delta = vecs[site.role]().detach()
             if key not in scales:
-                scales[key] = torch.ones(module_width(layers[0], site.path, "out"))
-            delta = vecs[site.role]().detach().float()
+                scales[key] = torch.ones(module_width(layers[0], site.path, "out"), dtype=delta.dtype)
             cols = slice(None) if site.index is None else site.index
             scales[key][cols] = 1 + delta
     return StaticScaleTenant(name, meta["method"], directory, scales=scales)
@@ -182,7 +182,7 @@ def _peft_ia3(name, directory, adapted, meta, state, **_) -> StaticScaleTenant:
     """peft's IA3: `ia3_l` scales a module's output, or its input for feed-forward modules."""
     paths = ROLE_PATHS[model_type(adapted.backbone)]
     inputs = {paths[r] for r in meta["config"].get("feedforward", [])}
-    scales = {(i, path, "in" if path in inputs else "out"): t.flatten().float()
+    scales = {(i, path, "in" if path in inputs else "out"): t.flatten()
               for (i, path), t in per_layer(state, "ia3_l.default").items()}
     if not scales:
         raise TenantError(f"{directory}: no ia3_l tensors in the adapter")
@@ -211,10 +211,12 @@ LOADERS: dict[str, Callable[..., Tenant]] = {"lora": _lora, "ia3": _projected_ia
 
 
 def load_tenant(name: str, directory: str | Path, backbone: nn.Module, tokenizer=None) -> Tenant:
-    """A tenant from its saved adapter, its weights on the backbone's device."""
+    """A tenant from its saved adapter, its weights on the backbone's device, in float32 or the backbone's
+    dtype where that is wider (every tenant of an engine alike, so their tensors stack)."""
     directory = Path(directory)
     adapted, meta, state = read_adapter(directory, backbone)
-    device = next(backbone.parameters()).device
+    weight = next(backbone.parameters())
+    device, dtype = weight.device, torch.promote_types(weight.dtype, torch.float32)
     method = meta["method"]
     if isinstance(adapted, PromptAwareModel):
         return VectorTenant(name, method, directory, generators=adapted.generators.to(device).eval())
@@ -223,9 +225,9 @@ def load_tenant(name: str, directory: str | Path, backbone: nn.Module, tokenizer
                           f"{sorted(LOADERS)} and the prompt-aware methods")
     tenant = LOADERS[method](name, directory, adapted, meta, state, backbone=backbone, tokenizer=tokenizer)
     if isinstance(tenant, StaticScaleTenant):
-        tenant.scales = {k: v.to(device) for k, v in tenant.scales.items()}
+        tenant.scales = {k: v.to(device, dtype) for k, v in tenant.scales.items()}
     if isinstance(tenant, LoraTenant):
-        tenant.weights = {k: (A.to(device), B.to(device)) for k, (A, B) in tenant.weights.items()}
+        tenant.weights = {k: (A.to(device, dtype), B.to(device, dtype)) for k, (A, B) in tenant.weights.items()}
     return tenant
 
 

@@ -16,9 +16,10 @@ Our readings:
   (warm-up 10%, final fine-tuning at the fixed budget 30%, reallocation every 1%), in
   the spirit of the AdaLoRA paper's GLUE settings.
 * The trainer computes the loss from the logits, so peft's `forward` never sees labels
-  and would skip the regulariser. `forward` adds it to the backward pass instead
-  (`_WithExtraLoss`): each training forward contributes orth_reg_weight * R to the
-  gradient, exactly as peft adds it to each forward's loss.
+  and would skip the regulariser. It enters as `step_regularizer`: the trainer adds
+  orth_reg_weight * R once per optimizer step, whatever the micro-batch size (peft adds it
+  to each forward's loss, i.e. once per step without gradient accumulation), so the
+  micro-batch size only controls memory.
 * alpha and dropout are peft's defaults (alpha 8, so the update is scaled by 8 / ranknum).
 
 Parameter count: peft's trainable tensors are A, B and E at the initial rank; `ranknum`
@@ -68,18 +69,6 @@ def _check(config: AdaLoraMethodConfig) -> None:
         raise ValueError(f"method.orth_reg_weight={config.orth_reg_weight} must be >= 0")
 
 
-class _WithExtraLoss(torch.autograd.Function):
-    """Identity on `logits`; in backward, also sends gradient 1 to `extra` (a scalar loss term)."""
-
-    @staticmethod
-    def forward(ctx, logits, extra):
-        return logits.view_as(logits)
-
-    @staticmethod
-    def backward(ctx, grad_logits):
-        return grad_logits, torch.ones((), dtype=grad_logits.dtype, device=grad_logits.device)
-
-
 class AdaLoraModel(AdaptedModel):
     @property
     def tuner(self):
@@ -119,12 +108,11 @@ class AdaLoraModel(AdaptedModel):
                 terms.append(torch.linalg.matrix_norm(gram - eye))           # Frobenius
         return torch.stack(terms).mean()
 
-    def forward(self, input_ids, attention_mask=None, labels=None, prompt_mask=None, **kw):
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kw)
-        if self.training and torch.is_grad_enabled() and self.config.orth_reg_weight > 0:
-            extra = self.config.orth_reg_weight * self.orthogonality_loss()
-            out.logits = _WithExtraLoss.apply(out.logits, extra.to(out.logits.dtype))
-        return out
+    def step_regularizer(self) -> torch.Tensor | None:
+        """orth_reg_weight x R(A, B), once per optimizer step (eq. 4's term in the training objective)."""
+        if self.config.orth_reg_weight == 0:
+            return None
+        return self.config.orth_reg_weight * self.orthogonality_loss()
 
     # ---- state outside the trainable weights, for resumable training (papeft.checkpoint) ----
     SCORES = ("ipt", "exp_avg_ipt", "exp_avg_unc")    # RankAllocator dicts: name -> tensor like the weight

@@ -68,6 +68,11 @@ class AdaptedModel(nn.Module):
     def on_train_begin(self, total_steps: int) -> None:
         """Called once before the first step with the planned number of optimizer steps."""
 
+    def step_regularizer(self) -> torch.Tensor | None:
+        """A loss term on the weights alone (AdaLoRA's orthogonality), added once per optimizer step of
+        the inner level with its own weight, independent of the micro-batch size; None: no such term."""
+        return None
+
     def on_step_end(self, step: int) -> None:
         """Called after backward and the optimizer step, before zero_grad (AdaLoRA's rank allocation)."""
 

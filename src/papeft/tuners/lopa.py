@@ -128,10 +128,11 @@ class LopaModel(SoftPromptModel):
         m, r, d = config.num_virtual_tokens, config.rank, model.config.hidden_size
         embeddings = model.get_input_embeddings()
         sampled = torch.randint(0, embeddings.num_embeddings, (m,), device=embeddings.weight.device)
-        self.shared_prompt = nn.Parameter(embeddings(sampled).detach().float().clone())   # Z_S (m, d)
+        dtype = torch.promote_types(embeddings.weight.dtype, torch.float32)   # trainable: float32 or wider
+        self.shared_prompt = nn.Parameter(embeddings(sampled).detach().to(dtype).clone())   # Z_S (m, d)
         h = d if config.encoder == "backbone" else _minilm_width()
-        self.head_u = gate_head(h, config.hidden, m * r, config.dropout, config.init_std)   # -> (m*r)
-        self.head_v = gate_head(h, config.hidden, d * r, config.dropout, config.init_std)   # -> (d*r)
+        self.head_u = gate_head(h, config.hidden, m * r, config.dropout, config.init_std).to(dtype)  # -> (m*r)
+        self.head_v = gate_head(h, config.hidden, d * r, config.dropout, config.init_std).to(dtype)  # -> (d*r)
         self.tokenizer = None
 
     def set_tokenizer(self, tokenizer) -> None:
@@ -142,15 +143,15 @@ class LopaModel(SoftPromptModel):
         """x: the frozen encoder's view of each prompt, (B, h)."""
         if self.config.encoder == "backbone":
             with torch.no_grad():
-                tokens = self.backbone.get_input_embeddings()(input_ids).float()   # (B, T, d)
-            w = prompt_mask.unsqueeze(-1).float()                                  # (B, T, 1)
+                tokens = self.backbone.get_input_embeddings()(input_ids).to(self.shared_prompt.dtype)  # (B, T, d)
+            w = prompt_mask.unsqueeze(-1).to(tokens.dtype)                         # (B, T, 1)
             return (tokens * w).sum(1) / w.sum(1).clamp(min=1.0)                   # (B, d)
         if self.tokenizer is None:
             raise RuntimeError("LoPA with method.encoder='minilm' reads the prompt as text: call "
                                "set_tokenizer(backbone_tokenizer) on the method after building it")
         texts = [self.tokenizer.decode(ids[keep.bool()].tolist(), skip_special_tokens=True)
                  for ids, keep in zip(input_ids, prompt_mask)]
-        return shared_minilm()(texts, device=input_ids.device).float()            # (B, 384)
+        return shared_minilm()(texts, device=input_ids.device).to(self.shared_prompt.dtype)   # (B, 384)
 
     def soft_prompt(self, input_ids, attention_mask, prompt_mask) -> torch.Tensor:
         """Z = Z_S * sigmoid(u v^T), one (m, d) prompt per row."""

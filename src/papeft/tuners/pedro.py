@@ -5,7 +5,7 @@ a per-layer safe Pade activation unit (rational.py) initialised to GELU. The
 rational coefficients are the *outer* level and everything else the *inner*:
 the shared trainer alternates one step of the generator weights on a D_train
 batch with one step of the coefficients on a held-out D_val batch, each with
-its own AdamW (trainer.py `_outer_stepper`). The coefficients are trainable
+its own AdamW (trainer.py `OuterStepper`). The coefficients are trainable
 parameters, so they are part of the saved adapter.
 
 Our readings (the PEDRO paper is not public in our sources, only its abstract):
@@ -14,6 +14,8 @@ Our readings (the PEDRO paper is not public in our sources, only its abstract):
   wording by the same group; `pooler` stays configurable (capsule, mean, ...).
 * Bi-level optimisation is first-order DARTS, D_val a `val_fraction` slice of
   the training set, the outer AdamW at lr 1e-3 without weight decay.
+* `activation: rational_pau` starts the same learnable, bi-level PAU from the METHODS.md
+  coefficients instead of our [-5, 5] refit (rational.py says why the refit is the default).
 * The activation plot (PEDRO Figure 2) has one panel per layer, R(x) against
   GELU on [-5, 5].
 """
@@ -31,6 +33,7 @@ from papeft.tuners.prompt_aware import PromptAwareConfig, PromptAwareModel
 from papeft.tuners.rational import RationalActivation
 
 PLOT_STEM = "rational_activations"
+LEARNABLE_ACTIVATIONS = ("rational", "rational_pau")   # the same safe PAU, from our GELU refit or the spec's
 
 
 @dataclass
@@ -42,9 +45,9 @@ class PedroConfig(PromptAwareConfig):
     outer_weight_decay: float = 0.0
 
     def __post_init__(self):
-        if self.activation != "rational":
+        if self.activation not in LEARNABLE_ACTIVATIONS:
             raise ValueError(f"method.activation='{self.activation}': PEDRO learns its activation, "
-                             f"expected 'rational'")
+                             f"expected one of {list(LEARNABLE_ACTIVATIONS)}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"method.val_fraction={self.val_fraction}: expected a fraction in (0, 1)")
         if self.outer_lr < 0 or self.outer_weight_decay < 0:

@@ -1,0 +1,81 @@
+"""Where a result came from: package versions, the device, and the project's git commit.
+
+Every run's `metrics.json` carries `environment()`; the report prints the commits of the
+runs it tabulates under each table, so a number can always be traced to the code that made it.
+"""
+from __future__ import annotations
+
+import platform
+import subprocess
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "tokenizers",
+            "hydra-core", "omegaconf", "numpy", "gguf", "evaluate", "sqlparse", "rouge-score")
+PROJECT_ROOT = Path(__file__).resolve().parents[2]      # the checkout, for an editable install
+
+
+def package_versions(names=PACKAGES) -> dict[str, str | None]:
+    """Installed version of each distribution, None where it is not installed."""
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def git_state(root: Path = PROJECT_ROOT) -> dict[str, Any]:
+    """{"commit": sha or None, "dirty": bool or None}. Dirty means tracked source changed since the commit;
+    changes under results/ (the sweep's own committed outputs) do not count."""
+    commit = _git(root, "rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": None, "dirty": None}
+    status = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def device_name(device) -> str:
+    """'cuda: NVIDIA H200' or 'cpu: <processor>, N threads' for a torch device or its name."""
+    import torch
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {cpu_model()}, {torch.get_num_threads()} threads"
+
+
+@lru_cache(maxsize=1)
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device="cpu") -> dict[str, Any]:
+    """The block every metrics.json records."""
+    return {"packages": package_versions(), "python": platform.python_version(),
+            "platform": platform.platform(), "device": device_name(device), "git": git_state()}
+
+
+def short_commit(env: dict | None) -> str | None:
+    """'abc1234' or 'abc1234+dirty' from an environment block; None when unknown."""
+    git = (env or {}).get("git") or {}
+    commit = git.get("commit")
+    if not isinstance(commit, str) or not commit:
+        return None
+    return commit[:7] + ("+dirty" if git.get("dirty") else "")
