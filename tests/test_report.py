@@ -229,3 +229,16 @@ def test_cli_plots_and_paper(tmp_path):
     assert (tmp_path / "plots/budget-copa.png").is_file() and (tmp_path / "plots/budget-copa.pdf").is_file()
     assert "(paper) | PARADE-4" in res.stdout
     assert run_cli(tmp_path, "--paper", "table5").returncode == 1
+
+
+def test_tables_name_the_commits_of_their_runs(tmp_path):
+    env = lambda sha, dirty: {"git": {"commit": sha, "dirty": dirty}}      # noqa: E731
+    put(tmp_path, "a", rec(seed=0, environment=env("a" * 40, False)))
+    put(tmp_path, "b", rec(seed=1, environment=env("a" * 40, False)))
+    paths = write_tables([tmp_path], tmp_path / "one")
+    assert "Code: papeft commit aaaaaaa." in paths["md"].read_text()
+    assert "aaaaaaa" in paths["tex"].read_text()
+    put(tmp_path, "c", rec(seed=2, environment=env("b" * 40, True)))
+    put(tmp_path, "d", rec(seed=3))                                          # a run from before provenance
+    md = write_tables([tmp_path], tmp_path / "mixed")["md"].read_text()
+    assert "aaaaaaa (2 runs), bbbbbbb+dirty (1 run), unknown (run predates provenance) (1 run)" in md

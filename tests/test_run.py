@@ -38,6 +38,10 @@ def test_smoke_run_on_the_real_backbone(tmp_path, shared_data):
     preds = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == metrics["n_test"] == 16
     assert (run / "adapter/adapter.safetensors").stat().st_size > 0 and (run / "config.yaml").exists()
+    env = metrics["environment"]                                   # where the number came from
+    assert env["packages"]["torch"] and env["packages"]["transformers"] and env["packages"]["peft"]
+    assert env["device"].startswith("cpu") and env["git"]["dirty"] in (True, False)
+    assert len(env["git"]["commit"]) == 40
 
 
 def test_seed_range_writes_median_tables(tmp_path, shared_data):

@@ -38,8 +38,9 @@ LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 class RoleSite:
     role: str
     path: str                  # module path inside the decoder layer
-    width: int                 # number of output features that belong to the role
-    index: torch.Tensor | None  # (width,) positions in the module output, None = all of it
+    width: int                 # number of features that belong to the role
+    index: torch.Tensor | None  # (width,) positions among the module's features, None = all of them
+    side: str = "out"          # "out": the module's output features; "in": its input features
 
 
 def model_type(model: nn.Module) -> str:
@@ -59,14 +60,27 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"cannot find the decoder layers of {type(base).__name__}")
 
 
-def _out_features(module: nn.Module) -> int:
+def module_width(module: nn.Module, side: str = "out") -> int:
+    """Output (or input) features of a linear or of transformers' Conv1D, which stores (in, out)."""
     if isinstance(module, nn.Linear):
-        return module.out_features
-    return module.weight.shape[1]  # transformers' Conv1D stores (in, out)
+        return module.out_features if side == "out" else module.in_features
+    return module.weight.shape[1 if side == "out" else 0]
 
 
-def role_sites(model: nn.Module, roles: list[str]) -> list[RoleSite]:
-    """Where each requested role lives in a decoder layer (layer 0 is representative)."""
+def is_gated(model: nn.Module) -> bool:
+    """A gated FFN, down(act(gate x) * up x), as Llama and Gemma have; GPT-2 and GPT-NeoX have down(act(up x))."""
+    return "gate" in ROLE_PATHS[model_type(model)]
+
+
+def role_sites(model: nn.Module, roles: list[str], scaling: bool = False) -> list[RoleSite]:
+    """Where each requested role lives in a decoder layer (layer 0 is representative).
+
+    `scaling`: the sites where a vector that *scales* the role's activations acts (PARADE eq. 5,
+    (IA)3). The same, except `up` on a non-gated FFN: there it scales the activation's output,
+    the input of `down` (our reading). In a gated FFN, scaling U scales act(G) * U, the input of
+    `down`, so both architectures scale the same representation; scaling the output of GPT-2's
+    `c_fc` would instead scale the activation's input. (IA)3 scales there for T5's non-gated FFN.
+    """
     mt = model_type(model)
     cfg = model.config
     layer = decoder_layers(model)[0]
@@ -75,8 +89,12 @@ def role_sites(model: nn.Module, roles: list[str]) -> list[RoleSite]:
         if role not in ROLE_PATHS[mt]:
             raise ValueError(f"role '{role}' does not exist in architecture '{mt}' "
                              f"(it has {sorted(ROLE_PATHS[mt])})")
+        if scaling and role == "up" and not is_gated(model):
+            down = ROLE_PATHS[mt]["down"]
+            sites.append(RoleSite(role, down, module_width(layer.get_submodule(down), "in"), None, "in"))
+            continue
         path = ROLE_PATHS[mt][role]
-        out = _out_features(layer.get_submodule(path))
+        out = module_width(layer.get_submodule(path))
         index = None
         if mt == "gpt2" and role in ("q", "k", "v"):          # [Q | K | V], each d wide
             d = out // 3
@@ -92,7 +110,61 @@ def role_sites(model: nn.Module, roles: list[str]) -> list[RoleSite]:
     return sites
 
 
+def resolve_targets(model: nn.Module, targets: list[str]) -> list[str]:
+    """The roles to adapt; only the full set of linears drops roles this architecture lacks."""
+    unknown = sorted(set(targets) - set(LINEAR_ROLES))
+    if unknown or not targets:
+        raise ValueError(f"method.targets={list(targets)}: expected a non-empty list of roles "
+                         f"from {list(LINEAR_ROLES)}")
+    present = ROLE_PATHS[model_type(model)]
+    if set(targets) == set(LINEAR_ROLES):
+        return [r for r in LINEAR_ROLES if r in present]
+    missing = [r for r in targets if r not in present]
+    if missing:
+        raise ValueError(f"method.targets: role(s) {missing} do not exist in architecture "
+                         f"'{model_type(model)}' (it has {sorted(present)})")
+    return list(targets)
+
+
 def lora_target_modules(model: nn.Module, roles: list[str]) -> list[str]:
-    """peft `target_modules` (leaf names) for the given roles; fused roles collapse to one module."""
+    """peft `target_modules` for the given roles: module paths inside a decoder layer, which peft matches as
+    name suffixes, so `o` on GPT-2 adapts `attn.c_proj` and never `mlp.c_proj`.
+
+    A fused module (GPT-2 `c_attn`, GPT-NeoX `query_key_value`) takes one LoRA over its whole output,
+    so it is adapted only when every role it holds is targeted; a subset is refused (peft cannot adapt a
+    slice of a module's output), never widened in silence."""
     mt = model_type(model)
-    return sorted({ROLE_PATHS[mt][r].split(".")[-1] for r in roles})
+    paths = ROLE_PATHS[mt]
+    for role in roles:
+        fused = sorted(r for r, p in paths.items() if p == paths[role])
+        if not set(fused) <= set(roles):
+            raise ValueError(f"method.targets={list(roles)}: on '{mt}' the roles {fused} share the fused module "
+                             f"'{paths[role]}', which LoRA adapts as a whole; target all of {fused} or none")
+    return sorted({paths[r] for r in roles})
+
+
+def sites_by_module(sites: list[RoleSite]) -> dict[tuple[str, str], list[RoleSite]]:
+    """(module path, side) -> the sites that act there (fused QKV: several roles on one module)."""
+    grouped: dict[tuple[str, str], list[RoleSite]] = {}
+    for s in sites:
+        grouped.setdefault((s.path, s.side), []).append(s)
+    return grouped
+
+
+def full_width(sites: list[RoleSite], vectors: dict[str, torch.Tensor], width: int, fill: float) -> torch.Tensor:
+    """One module's features from its roles' vectors {role: (..., role width)}: each role's slice holds its
+    vector, features of no role hold `fill` (1 for a scale, 0 for a bias). -> (..., width)."""
+    if len(sites) == 1 and sites[0].index is None:
+        return vectors[sites[0].role]
+    first = vectors[sites[0].role]
+    out = first.new_full((*first.shape[:-1], width), fill)
+    for s in sites:
+        out = out.index_copy(-1 % out.dim(), s.index.to(out.device), vectors[s.role].to(out.dtype))
+    return out
+
+
+def hook_features(module: nn.Module, side: str, fn) -> torch.utils.hooks.RemovableHandle:
+    """Register `fn(features) -> features` on a module's output (side "out") or its first input ("in")."""
+    if side == "out":
+        return module.register_forward_hook(lambda mod, args, out: fn(out))
+    return module.register_forward_pre_hook(lambda mod, args: (fn(args[0]), *args[1:]))

@@ -36,11 +36,14 @@ def _git(root: Path, *args: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-def git_state(root: Path = PROJECT_ROOT) -> dict[str, Any]:
-    """{"commit": sha or None, "dirty": bool or None}. Dirty means tracked source changed since the commit;
-    changes under results/ (the sweep's own committed outputs) do not count."""
-    commit = _git(root, "rev-parse", "HEAD")
-    if commit is None:
+def git_state(root: Path | None = None) -> dict[str, Any]:
+    """{"commit": sha or None, "dirty": bool or None} of the checkout holding papeft (else the working
+    directory). Dirty: tracked files changed since the commit; results/ (the sweep's own outputs) excluded."""
+    for root in [root] if root is not None else [PROJECT_ROOT, Path.cwd()]:
+        commit = _git(root, "rev-parse", "HEAD")
+        if commit is not None:
+            break
+    else:
         return {"commit": None, "dirty": None}
     status = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
     return {"commit": commit, "dirty": None if status is None else bool(status)}

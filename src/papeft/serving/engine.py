@@ -46,10 +46,10 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from papeft.architectures import ROLE_PATHS, decoder_layers, model_type, role_sites
+from papeft.architectures import ROLE_PATHS, decoder_layers, model_type, module_width, role_sites
 from papeft.serving.gathered_lora import LoraBank, lora_forward
 from papeft.serving.tenants import (LoraTenant, SoftPromptTenant, StaticBank, Tenant, TenantError, VectorBank,
-                                    load_tenant, module_width)
+                                    load_tenant)
 
 
 @dataclass
@@ -85,9 +85,10 @@ class MultiTenantEngine:
         p = next(backbone.parameters())
         self.device, self.dtype = p.device, p.dtype
         roles = list(ROLE_PATHS[model_type(backbone)])
-        self.sites = {s.role: s for s in role_sites(backbone, roles)}        # computed before any peft wrap
-        self.widths = {(path, side): module_width(self.layers[0], path, side)
-                       for path in {s.path for s in self.sites.values()} for side in ("out", "in")}
+        # where each role's scaling vector acts (non-gated FFNs: `up` on the input of `down`); before any peft wrap
+        self.sites = {s.role: s for s in role_sites(backbone, roles, scaling=True)}
+        self.widths = {(path, side): module_width(self.layers[0].get_submodule(path), side)
+                       for path in set(ROLE_PATHS[model_type(backbone)].values()) for side in ("out", "in")}
         self.tenants: dict[str, Tenant] = {}
         self.refused: dict[str, str] = {}        # tenant name -> why its adapter was refused
         self.banks: dict[tuple, object] = {}     # (kind, signature) -> bank
@@ -318,7 +319,7 @@ class _CallHooks:
                 self.vector_groups.append((bank, None if len(idx) == len(tenants) else prompts, slots))
                 for i in range(len(engine.layers)):
                     for role in bank.roles:
-                        self._scale((i, engine.sites[role].path, "out"))
+                        self._scale((i, engine.sites[role].path, engine.sites[role].side))
             elif key[0] == "static":
                 for site, s in bank.gather(slots).items():                    # (b, width)
                     self._scale(site)[prompts, 0] = s.to(engine.dtype)
@@ -381,7 +382,7 @@ class _CallHooks:
                 r = torch.arange(self.prompts, device=h.device) if prompts is None else prompts
                 for role, v in bank.vectors(i, hb, mask, slots).items():      # (b, width)
                     site = sites[role]
-                    s = self.scales[(i, site.path, "out")][:, 0]               # (P, width) view
+                    s = self.scales[(i, site.path, site.side)][:, 0]           # (P, width) view
                     cols = torch.arange(s.shape[1], device=s.device) if site.index is None else site.index.to(s.device)
                     s[r[:, None], cols[None, :]] = v.to(s.dtype)
         return hook

@@ -38,7 +38,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from transformers import AutoModelForCausalLM
 
-from papeft.architectures import ROLE_PATHS, decoder_layers, model_type
+from papeft.architectures import ROLE_PATHS, decoder_layers, model_type, module_width
 from papeft.tuners import build_method  # registers every method
 from papeft.tuners.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS, METHODS, AdaptedModel, backbone_fingerprint
 from papeft.tuners.prompt_aware import PromptAwareModel
@@ -146,13 +146,6 @@ def per_layer(state: dict[str, torch.Tensor], suffix: str) -> dict[tuple[int, st
     return out
 
 
-def module_width(layer: nn.Module, path: str, side: str) -> int:
-    mod = layer.get_submodule(path)
-    if isinstance(mod, nn.Linear):
-        return mod.out_features if side == "out" else mod.in_features
-    return mod.weight.shape[1 if side == "out" else 0]      # transformers' Conv1D: (in, out)
-
-
 # ---- one loader per kind ----------------------------------------------------
 def _lora(name, directory, adapted, meta, state, **_) -> LoraTenant:
     A, B = per_layer(state, "lora_A.default.weight"), per_layer(state, "lora_B.default.weight")
@@ -169,10 +162,11 @@ def _projected_ia3(name, directory, adapted, meta, state, **_) -> StaticScaleTen
     scales: dict[SiteKey, torch.Tensor] = {}
     for i, vecs in enumerate(adapted.vectors):
         for site in adapted.sites:
-            key = (i, site.path, "out")
+            key = (i, site.path, site.side)
             delta = vecs[site.role]().detach()
             if key not in scales:
-                scales[key] = torch.ones(module_width(layers[0], site.path, "out"), dtype=delta.dtype)
+                scales[key] = torch.ones(module_width(layers[0].get_submodule(site.path), site.side),
+                                         dtype=delta.dtype)
             cols = slice(None) if site.index is None else site.index
             scales[key][cols] = 1 + delta
     return StaticScaleTenant(name, meta["method"], directory, scales=scales)

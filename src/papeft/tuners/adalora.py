@@ -37,7 +37,7 @@ import torch
 from peft import AdaLoraConfig, get_peft_model
 from torch import nn
 
-from papeft.architectures import LINEAR_ROLES, ROLE_PATHS, lora_target_modules, model_type
+from papeft.architectures import LINEAR_ROLES, lora_target_modules, model_type, resolve_targets
 from papeft.tuners.base import AdaptedModel, register_method
 
 
@@ -148,7 +148,7 @@ class AdaLoraModel(AdaptedModel):
 @register_method("adalora", AdaLoraMethodConfig)
 def apply_adalora(model: nn.Module, config: AdaLoraMethodConfig, name: str) -> AdaptedModel:
     _check(config)
-    roles = [r for r in config.targets if r in ROLE_PATHS[model_type(model)]]
+    roles = resolve_targets(model, list(config.targets))
     peft_config = AdaLoraConfig(
         init_r=config.init_r, target_r=config.target_r, beta1=config.beta1, beta2=config.beta2,
         orth_reg_weight=config.orth_reg_weight, lora_alpha=config.alpha, lora_dropout=config.dropout,

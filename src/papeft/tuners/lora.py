@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from papeft.architectures import LINEAR_ROLES, ROLE_PATHS, lora_target_modules, model_type
+from papeft.architectures import LINEAR_ROLES, lora_target_modules, model_type, resolve_targets
 from papeft.tuners.base import AdaptedModel, register_method
 
 
@@ -25,7 +25,7 @@ class LoraMethodConfig:
 
 @register_method("lora", LoraMethodConfig)
 def apply_lora(model: nn.Module, config: LoraMethodConfig, name: str) -> AdaptedModel:
-    roles = [r for r in config.targets if r in ROLE_PATHS[model_type(model)]]
+    roles = resolve_targets(model, list(config.targets))
     peft_config = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
                              target_modules=lora_target_modules(model, roles), bias="none",
                              task_type="CAUSAL_LM")

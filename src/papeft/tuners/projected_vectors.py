@@ -7,7 +7,8 @@ in a small dimension r' and projecting it up with a learnable matrix:
     (IA)3:  y' = (1 + delta) * y     # "scale":  multiplies the role's activations
     BitFit: y' = y + delta           # "add":    a bias on the role's activations
 
-(IA)3 (`type: ia3`): Query, Key and Up outputs, r'=16; 9.83M on LLaMA-2 7B
+(IA)3 (`type: ia3`): Query, Key and Up activations (on a non-gated FFN, the
+activation's output: architectures.role_sites), r'=16; 9.83M on LLaMA-2 7B
 (paper: 9.8M). BitFit (`type: bitfit`): all seven linear outputs, r'=8;
 10.88M on LLaMA-2 7B (paper: 10.9M). Neither reads the prompt: the vectors
 are the same for every input, so they can be folded into the backbone.
@@ -33,7 +34,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from papeft.architectures import LINEAR_ROLES, ROLE_PATHS, RoleSite, decoder_layers, model_type, role_sites
+from papeft.architectures import (RoleSite, decoder_layers, full_width, hook_features, resolve_targets, role_sites,
+                                  sites_by_module)
 from papeft.tuners.base import AdaptedModel, register_method
 
 OPERATIONS = {"ia3": "scale", "bitfit": "add"}   # registry key -> how delta acts on the output
@@ -58,22 +60,6 @@ class ProjectedVector(nn.Module):
         return self.vector @ self.projection                          # (width,)
 
 
-def resolve_targets(model: nn.Module, targets: list[str]) -> list[str]:
-    """The roles to adapt; only the full set of linears drops roles this architecture lacks."""
-    unknown = sorted(set(targets) - set(LINEAR_ROLES))
-    if unknown or not targets:
-        raise ValueError(f"method.targets={list(targets)}: expected a non-empty list of roles "
-                         f"from {list(LINEAR_ROLES)}")
-    present = ROLE_PATHS[model_type(model)]
-    if set(targets) == set(LINEAR_ROLES):
-        return [r for r in LINEAR_ROLES if r in present]
-    missing = [r for r in targets if r not in present]
-    if missing:
-        raise ValueError(f"method.targets: role(s) {missing} do not exist in architecture "
-                         f"'{model_type(model)}' (it has {sorted(present)})")
-    return list(targets)
-
-
 class ProjectedVectorModel(AdaptedModel):
     def __init__(self, model: nn.Module, config: ProjectedVectorConfig, method: str):
         super().__init__(model, method, config)
@@ -83,34 +69,24 @@ class ProjectedVectorModel(AdaptedModel):
             raise ValueError(f"method.vector_init_std={config.vector_init_std}: expected > 0 "
                              "(a zero vector and a zero projection would never train)")
         self.operation = OPERATIONS[method]
-        self.sites = role_sites(model, resolve_targets(model, list(config.targets)))
+        self.sites = role_sites(model, resolve_targets(model, list(config.targets)),
+                                scaling=self.operation == "scale")
         layers = decoder_layers(model)
         self.vectors = nn.ModuleList(                                 # [layer][role] -> ProjectedVector
             nn.ModuleDict({s.role: ProjectedVector(config.r, s.width, config.vector_init_std)
                            for s in self.sites})
             for _ in layers)
-        by_path: dict[str, list[RoleSite]] = {}
-        for s in self.sites:
-            by_path.setdefault(s.path, []).append(s)
         for i, layer in enumerate(layers):
-            for path, sites in by_path.items():
-                layer.get_submodule(path).register_forward_hook(self._make_hook(i, sites))
-
-    def _delta(self, i: int, sites: list[RoleSite], out: torch.Tensor) -> torch.Tensor:
-        """This layer's delta over the module's whole output, zero outside its roles' features."""
-        vecs = self.vectors[i]
-        if len(sites) == 1 and sites[0].index is None:
-            return vecs[sites[0].role]().to(out.dtype)                       # (out,)
-        delta = out.new_zeros(out.shape[-1])                                 # (out,)
-        for s in sites:
-            delta = delta.index_copy(0, s.index.to(out.device), vecs[s.role]().to(out.dtype))
-        return delta
+            for (path, side), sites in sites_by_module(self.sites).items():
+                hook_features(layer.get_submodule(path), side, self._make_hook(i, sites))
 
     def _make_hook(self, i: int, sites: list[RoleSite]):
-        def hook(module, args, out):                                  # out: (B, T, out)
-            delta = self._delta(i, sites, out)
-            return out * (1 + delta) if self.operation == "scale" else out + delta
-        return hook
+        def apply(x):                                                 # (B, T, width)
+            vecs = {s.role: self.vectors[i][s.role]() for s in sites}
+            if self.operation == "scale":
+                return x * (1 + full_width(sites, vecs, x.shape[-1], 0.0).to(x.dtype))
+            return x + full_width(sites, vecs, x.shape[-1], 0.0).to(x.dtype)
+        return apply
 
 
 @register_method("ia3", ProjectedVectorConfig)

@@ -9,7 +9,9 @@ the prompt. Implementation with hooks, one mechanism for every architecture:
   that continues a KV cache is a *decode* step and reuses them;
 * a pre-hook on each decoder layer runs that layer's generator at prefill;
 * a forward hook on each scaled module multiplies its output by the vectors
-  (for fused QKV modules, only the role's slice).
+  (for fused QKV modules, only the role's slice); on a non-gated FFN (GPT-2,
+  GPT-NeoX) `up` scales the activation's output, the input of `down`
+  (architectures.role_sites, our reading of eq. 5).
 
 Vectors are per batch row. `generate` and `forward` drop them when they return,
 so they never outlive their request. Beam search expands each prompt before
@@ -22,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from papeft.architectures import LINEAR_ROLES, ROLE_PATHS, decoder_layers, model_type, role_sites
+from papeft.architectures import (LINEAR_ROLES, ROLE_PATHS, decoder_layers, full_width, hook_features, model_type,
+                                  role_sites, sites_by_module)
 from papeft.tuners.base import AdaptedModel, register_method
 from papeft.tuners.vector_generator import VectorGenerator, make_activation, make_pooler
 
@@ -54,7 +57,7 @@ class PromptAwareModel(AdaptedModel):
         targets = list(config.targets)
         if config.skip_absent_targets:     # a known role this architecture lacks; typos still fail below
             targets = [t for t in targets if t in ROLE_PATHS[model_type(model)] or t not in LINEAR_ROLES]
-        self.sites = role_sites(model, targets)
+        self.sites = role_sites(model, targets, scaling=True)
         d = model.config.hidden_size
         widths = {s.role: s.width for s in self.sites}
         self.generators = nn.ModuleList(
@@ -71,13 +74,10 @@ class PromptAwareModel(AdaptedModel):
     def _install_hooks(self) -> None:
         backbone = self.backbone.base_model
         backbone.register_forward_pre_hook(self._on_backbone, with_kwargs=True)
-        by_path: dict[str, list] = {}
-        for s in self.sites:
-            by_path.setdefault(s.path, []).append(s)
         for i, layer in enumerate(decoder_layers(self.model)):
             layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True)
-            for path, sites in by_path.items():
-                layer.get_submodule(path).register_forward_hook(self._make_scale_hook(i, sites))
+            for (path, side), sites in sites_by_module(self.sites).items():
+                hook_features(layer.get_submodule(path), side, self._make_scale_hook(i, sites))
 
     def _on_backbone(self, module, args, kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -102,17 +102,12 @@ class PromptAwareModel(AdaptedModel):
         return hook
 
     def _make_scale_hook(self, i: int, sites):
-        def hook(module, args, out):
+        def scale(x):                                                        # (B, T, width)
             vecs = self._vectors[i] if self._vectors is not None else None
             if vecs is None:
                 raise RuntimeError("scaled module ran before its layer's vector generator")
-            if len(sites) == 1 and sites[0].index is None:
-                return out * vecs[sites[0].role].to(out.dtype)[:, None, :]   # (B, 1, width)
-            scale = out.new_ones(out.shape[0], out.shape[-1])                # (B, out)
-            for s in sites:
-                scale = scale.index_copy(1, s.index.to(out.device), vecs[s.role].to(out.dtype))
-            return out * scale[:, None, :]
-        return hook
+            return x * full_width(sites, vecs, x.shape[-1], 1.0).to(x.dtype)[:, None, :]   # (B, 1, width)
+        return scale
 
     # ---- calls -----------------------------------------------------------
     def _clear(self) -> None:
