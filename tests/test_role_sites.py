@@ -87,9 +87,10 @@ def test_lora_rejects_an_unknown_role():
 
 
 def test_bitfit_key_bias_has_zero_gradient_on_gpt2():
-    """A constant added to every key cancels in the softmax (README's readings): exactly zero gradient."""
+    """A constant added to every key cancels in the softmax (README's readings): zero gradient, up to rounding."""
     m = randomised(build_method(tiny_model("gpt2"), {"type": "bitfit", "r": 4}), seed=3).train()
     ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(4))
     m(ids).logits.square().mean().backward()
-    assert m.vectors[0]["k"].vector.grad.abs().max() == 0 and m.vectors[0]["k"].projection.grad.abs().max() == 0
-    assert m.vectors[0]["q"].projection.grad.abs().max() > 0
+    for part in ("vector", "projection"):
+        k, q = (getattr(m.vectors[0][role], part).grad.abs().max().item() for role in ("k", "q"))
+        assert q > 1e-4 and k < 1e-7 * q, (part, k, q)
