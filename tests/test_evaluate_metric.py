@@ -17,7 +17,7 @@ def ex(task, i, answers):
 
 
 def label_case(task, right, wrong):
-    """Hits, a prefix hit, a miss, and a prediction that starts with the gold label but is another label."""
+    """Two hits (one a prefix: "yes, because"), two wrong labels, and no label at all."""
     examples = [ex(task, i, [label]) for i, label in enumerate([right, right, wrong, right, right])]
     return examples, [right, f"{right}, because", right, wrong, "maybe"]
 
@@ -27,7 +27,7 @@ CASES = {
     "boolq": lambda: label_case("boolq", "yes", "no"),
     "sst2": lambda: label_case("sst2", "positive", "negative"),
     "rte": lambda: ([ex("rte", i, [g]) for i, g in enumerate(["entailment", "entailment", "not entailment"])],
-                    ["not entailment", "Entailment.", "not entailment"]),      # "not entailment" never hits "entailment"
+                    ["not entailment", "Entailment.", "not entailment"]),   # the longer label wins: a miss
     "qnli": lambda: ([ex("qnli", i, [g]) for i, g in enumerate(["entailment", "not entailment", "entailment"])],
                      ["entailment", "entailment", "entailment\nbecause"]),
     "squad": lambda: ([ex("squad", 0, ["Denver Broncos", "Broncos"]), ex("squad", 1, ["Carolina Panthers"]),

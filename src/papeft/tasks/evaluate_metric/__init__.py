@@ -81,9 +81,13 @@ def compute_inputs(task_name: str, rows: Sequence[Mapping[str, Any]],
     """`compute(**...)` arguments from predictions.jsonl rows; WikiSQL also needs the loaded
     `examples` (a split of `get_task("wikisql").load(...)`) for their tables, matched by uid."""
     if task_name == "alpaca_mtbench":                    # one row per question, one prediction per turn
-        pairs = [(p, (r.get("answers") or [])[t] if t < len(r.get("answers") or []) else "")
-                 for r in rows for t, p in enumerate(r["prediction"])]
-        return {"predictions": [p for p, _ in pairs], "references": [ref for _, ref in pairs]}
+        predictions, references = [], []
+        for r in rows:
+            refs = list(r.get("answers") or [])
+            for turn, answer in enumerate(r["prediction"]):
+                predictions.append(answer)
+                references.append(refs[turn] if turn < len(refs) else "")
+        return {"predictions": predictions, "references": references}
     inputs = {"predictions": [r["prediction"] for r in rows], "references": [list(r["answers"]) for r in rows]}
     if task_name == "wikisql":
         if examples is None:
