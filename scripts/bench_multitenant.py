@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig
 
-from papeft.backbones import DTYPES, _load_gguf_cached, load_backbone, load_tokenizer
+from papeft.backbones import DTYPES, architecture_config, backbone_config, load_backbone, load_tokenizer
 from papeft.io import write_json, write_text
 from papeft.prompting import PromptFormatter
 from papeft.provenance import cpu_model
@@ -65,9 +65,7 @@ APP_F_INSTRUCTION = (
     "responsibility for the injury, arguing that it did not arise from Shepherd's employment, but from "
     "a lawful State Government Public Health Order (PHO), issued under the Emergency Management Act 2004 (EMA).")
 PAPER_PROMPT_TOKENS = 274        # LLaMA-2 tokens of the instruction with LoRA (App. F)
-RANDOM_SHAPES = {
-    "llama2_7b": LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                             num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
+RANDOM_SHAPES = {   # besides every configs/backbone shape (papeft.backbones.architecture_config)
     "tiny_llama": LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,  # tests
                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
 }
@@ -83,7 +81,7 @@ def backbone_and_prompt(args) -> tuple[nn.Module, list[int], str]:
     smol = OmegaConf.to_container(OmegaConf.load(REPO / "configs/backbone/smollm2_135m.yaml"), resolve=True)
     if args.random_config:
         name = args.random_config
-        config = RANDOM_SHAPES.get(name) or AutoConfig.from_pretrained(_load_gguf_cached(smol))
+        config = RANDOM_SHAPES.get(name) or architecture_config(backbone_config(name))
         dtype = DTYPES[args.dtype or "float32"]
         torch.manual_seed(0)
         with torch.device(args.device):
@@ -269,7 +267,8 @@ def print_row(r: dict) -> None:
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backbone", default="smollm2_135m", help="configs/backbone/NAME.yaml (real weights)")
-    ap.add_argument("--random-config", help=f"random weights of a known shape: {sorted(RANDOM_SHAPES)} or smollm2_135m")
+    ap.add_argument("--random-config", help=f"random weights of a known shape: {sorted(RANDOM_SHAPES)} "
+                                            "or a configs/backbone name (llama2_7b, smollm2_135m, ...)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="default: the backbone config's (float32 if random)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--methods", default=",".join(METHODS))

@@ -1,50 +1,117 @@
-"""Tunable parameters of every method on LLaMA-2 7B and SmolLM2-135M, built on the meta device (no weights).
+"""Tunable parameters of methods on backbones, built on the meta device: no weights, no hub.
 
-    python scripts/count_params.py [method ...]
+    python scripts/count_params.py                              # every method on LLaMA-2 7B and SmolLM2-135M
+    python scripts/count_params.py lora parade -b gemma_2b gpt2_large
+    python scripts/count_params.py -b all --format csv --out params.csv
+
+A backbone is a name under configs/backbone (or a path to such a YAML); its shape
+comes from the YAML itself (papeft.backbones.architecture_config). A method is a
+name under configs/method. A method that does not apply to an architecture (a
+role it lacks) gets an empty cell and the reason in the CSV's `note` column.
 """
+from __future__ import annotations
+
+import argparse
+import csv
+import io
 import sys
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
-from papeft.backbones import _load_gguf_cached
+from papeft.backbones import CONFIG_DIR, architecture_config, backbone_config
+from papeft.io import write_text
+from papeft.tuners import build_method
 
-REPO = Path(__file__).resolve().parents[1]
-SHAPES = {
-    "llama2_7b": LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
-}
-
-
-def smollm2_config():
-    cfg = OmegaConf.to_container(OmegaConf.load(REPO / "configs/backbone/smollm2_135m.yaml"), resolve=True)
-    from transformers import AutoConfig
-    return AutoConfig.from_pretrained(_load_gguf_cached(cfg))
+METHOD_DIR = Path(__file__).resolve().parents[1] / "configs" / "method"
+README_BACKBONES = ["llama2_7b", "smollm2_135m"]      # the README's method table
+CSV_FIELDS = ["backbone", "method", "params_trainable_no_bias", "params_trainable", "params_backbone", "note"]
 
 
-def count(method_yaml: Path, hf_config) -> dict:
-    from papeft.tuners import build_method
-    m = OmegaConf.to_container(OmegaConf.load(method_yaml), resolve=True)
+def method_config(name: str) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(METHOD_DIR / f"{name}.yaml"), resolve=True)
+
+
+def count_row(backbone: dict, method: dict) -> dict:
+    """One method on one backbone (meta device): the method's tunable weights and the backbone's."""
+    hf_config = architecture_config(backbone)
+    row = {"backbone": backbone["name"], "method": method["name"], "params_trainable_no_bias": None,
+           "params_trainable": None, "params_backbone": None, "note": ""}
     with torch.device("meta"):
-        return build_method(AutoModelForCausalLM.from_config(hf_config), m).param_counts()
+        model = AutoModelForCausalLM.from_config(hf_config)
+        row["params_backbone"] = sum(p.numel() for p in model.parameters())
+        try:
+            row.update(build_method(model, method).param_counts())
+        except ValueError as err:                   # e.g. a role the architecture lacks
+            row["note"] = str(err)
+    return row
 
 
-def main(names: list[str]) -> None:
-    shapes = {**SHAPES, "smollm2_135m": smollm2_config()}
-    yamls = sorted((REPO / "configs/method").glob("*.yaml"))
-    print("| method | " + " | ".join(f"{b} (no bias / with bias)" for b in shapes) + " |")
-    print("|---|" + "---|" * len(shapes))
-    for y in yamls:
-        if names and y.stem not in names:
-            continue
+def markdown(rows: list[dict]) -> str:
+    """Methods down, backbones across, in the order of `rows`; reasons for empty cells below the table."""
+    backbones = list(dict.fromkeys(r["backbone"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cell = {(r["backbone"], r["method"]): r for r in rows}
+    total = {r["backbone"]: r["params_backbone"] for r in rows}
+    lines = ["| method | " + " | ".join(f"{b} ({total[b]:,} weights): no bias / with bias" for b in backbones) + " |",
+             "|---|" + "---|" * len(backbones)]
+    for m in methods:
         cells = []
-        for cfg in shapes.values():
-            c = count(y, cfg)
-            cells.append(f"{c['params_trainable_no_bias']:,} / {c['params_trainable']:,}")
-        print(f"| {y.stem} | " + " | ".join(cells) + " |")
+        for b in backbones:
+            r = cell[b, m]
+            cells.append("n/a" if r["note"] else f"{r['params_trainable_no_bias']:,} / {r['params_trainable']:,}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    notes = [f"* n/a: {r['method']} on {r['backbone']}: {r['note']}" for r in rows if r["note"]]
+    lines += ["", *notes] if notes else []
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    known_methods = sorted(p.stem for p in METHOD_DIR.glob("*.yaml"))
+    known_backbones = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=f"methods: {', '.join(known_methods)}\n"
+                                        f"backbones: {', '.join(known_backbones)}")
+    ap.add_argument("methods", nargs="*", metavar="METHOD", help="configs/method names (default: all)")
+    ap.add_argument("-b", "--backbone", nargs="+", default=README_BACKBONES, metavar="BACKBONE",
+                    help=f"configs/backbone names or YAML paths, or `all` (default: {' '.join(README_BACKBONES)})")
+    ap.add_argument("--format", choices=["md", "csv"], default="md", help="Markdown table or CSV (long format)")
+    ap.add_argument("--out", type=Path, help="write here (atomically) instead of stdout")
+    args = ap.parse_args(argv)
+    unknown = sorted(set(args.methods) - set(known_methods))
+    if unknown:
+        ap.error(f"unknown method(s) {unknown}; known: {', '.join(known_methods)}")
+    args.methods = args.methods or known_methods
+    args.backbone = known_backbones if args.backbone == ["all"] else args.backbone
+    missing = [b for b in args.backbone if b not in known_backbones and not Path(b).is_file()]
+    if missing:
+        ap.error(f"unknown backbone(s) {missing}; known: {', '.join(known_backbones)} (or a YAML path)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = parse_args(argv)
+    backbones = [backbone_config(b) for b in args.backbone]
+    methods = [method_config(m) for m in args.methods]
+    rows = [count_row(b, m) for b in backbones for m in methods]
+    text = markdown(rows) if args.format == "md" else csv_text(rows)
+    if args.out:
+        write_text(args.out, text)
+    else:
+        sys.stdout.write(text)
+    return text
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

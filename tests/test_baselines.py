@@ -6,6 +6,8 @@ import dataclasses
 import pytest
 import torch
 from omegaconf import OmegaConf
+from peft import IA3Config, get_peft_model
+from peft.tuners.ia3 import IA3Layer
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import papeft.tuners.adapters as adapters_mod
@@ -212,4 +214,28 @@ def test_peft_ia3_targets_down_not_attention_output_on_gpt2():
     names = [n for n in m.trainable_state_dict()]
     assert any(".mlp.c_proj." in n for n in names) and any(".attn.c_attn." in n for n in names)
     assert not any(".attn.c_proj." in n for n in names)
-    assert dataclasses.asdict(m.config) == {"targets": ["k", "v", "down"], "feedforward": ["down"]}
+    # the resolved roles are saved: c_attn holds Q, K and V, mlp.c_proj is scaled on its input
+    assert dataclasses.asdict(m.config) == {"targets": ["q", "k", "v", "down"], "feedforward": ["down"]}
+
+
+def ia3_modules(peft_model):
+    """{module path in the layer: scaled on its input?} of every IA3 layer in decoder layer 0."""
+    return {path: mod.is_feedforward for path, mod in decoder_layers(peft_model)[0].named_modules()
+            if isinstance(mod, IA3Layer)}
+
+
+@pytest.mark.parametrize("arch,expected", [
+    ("llama", {"self_attn.k_proj": False, "self_attn.v_proj": False, "mlp.down_proj": True}),
+    ("gemma", {"self_attn.q_proj": False, "self_attn.v_proj": False, "mlp.down_proj": True}),
+    ("gpt2", {"attn.c_attn": False, "mlp.c_proj": True}),
+    ("gpt_neox", {"attention.query_key_value": False, "mlp.dense_4h_to_h": True}),
+])
+def test_peft_ia3_adapts_peft_default_modules(arch, expected):
+    ours = ia3_modules(build("ia3_peft", arch).model)
+    peft_own = ia3_modules(get_peft_model(tiny_model(arch), IA3Config(task_type="CAUSAL_LM")))  # peft picks
+    assert ours == peft_own == expected
+
+
+def test_peft_ia3_explicit_roles_still_win():
+    m = build("ia3_peft", "gemma", targets=["k", "v", "down"], feedforward=["down"])
+    assert ia3_modules(m.model) == {"self_attn.k_proj": False, "self_attn.v_proj": False, "mlp.down_proj": True}

@@ -3,13 +3,13 @@ Table 1 parameter column, within 0.1M, counting weights only (b_up and other bia
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
+from papeft.backbones import architecture_config, backbone_config
 from papeft.tuners import build_method
 from conftest import REPO
 
-LLAMA2_7B = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                        num_attention_heads=32, num_key_value_heads=32)
+LLAMA2_7B = architecture_config(backbone_config("llama2_7b"))      # the shape configs/backbone/llama2_7b.yaml ships
 PAPER_M = {"lora": 10.0, "ia3": 9.8, "bitfit": 10.9, "parade": 8.9, "parade_3": 9.8, "parade_4": 9.4,
            "parallel": 9.4, "houlsby": 9.4, "adapterdrop": 9.2, "ptuning_v2": 9.4}
 

@@ -6,6 +6,10 @@
 `source: hub`    `path` is a Hugging Face hub id or a local directory.
 `source: random` a model built from `arch` + `config` with random weights; the
                  tokenizer is borrowed from another backbone config (`tokenizer`).
+
+Every other backbone YAML also ships its published architecture as a `shape:` block,
+so `architecture_config` gives its transformers config (and a meta-device skeleton
+gives its parameter counts) without weights or the hub.
 """
 from __future__ import annotations
 
@@ -18,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 log = logging.getLogger(__name__)
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "backbone"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -48,7 +53,7 @@ def _gguf_cache_dir(cfg: dict, path: Path) -> Path:
     return root / f"{path.stem}-{path.stat().st_size}"
 
 
-def _load_gguf_cached(cfg: dict) -> Path:
+def dequantised_checkpoint(cfg: dict) -> Path:
     """Dequantise the GGUF once and keep it as a plain safetensors checkpoint; return its directory."""
     path = gguf_path(cfg)
     cache = _gguf_cache_dir(cfg, path)
@@ -77,7 +82,7 @@ def _load_gguf_cached(cfg: dict) -> Path:
 def _resolve_dir(cfg: dict) -> str:
     source = cfg.get("source")
     if source == "gguf":
-        return str(_load_gguf_cached(cfg))
+        return str(dequantised_checkpoint(cfg))
     if source == "hub":
         return os.path.expanduser(cfg["path"])
     raise ValueError(f"backbone.source='{source}' has no weights to load; expected gguf | hub | random")
@@ -102,6 +107,41 @@ def build_random(arch: str, config: dict[str, Any], vocab_size: int | None = Non
     return AutoModelForCausalLM.from_config(hf_config)
 
 
+def backbone_config(name_or_path: str) -> dict:
+    """A backbone YAML, resolved: a name under configs/backbone (e.g. `llama2_7b`) or a path to a .yaml."""
+    from omegaconf import OmegaConf
+
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"backbone '{name_or_path}': {path} does not exist; known backbones: {known}")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+def architecture_config(cfg: dict) -> PretrainedConfig:
+    """The transformers config of a backbone from what its YAML ships: no weights, no hub.
+
+    `source: random`: `arch` + `config`, sized to the vocabulary of the backbone that lends
+    the tokenizer (its `shape.vocab_size`, which is len(tokenizer) for SmolLM2).
+    Otherwise the `shape:` block: `model_type` plus config.json fields of the published weights.
+    """
+    name = cfg.get("name", "?")
+    if cfg.get("source") == "random":
+        lender = cfg["tokenizer"] if "shape" in cfg["tokenizer"] else backbone_config(cfg["tokenizer"]["name"])
+        vocab = architecture_config(lender).vocab_size
+        return AutoConfig.for_model(cfg["arch"], **{**(cfg.get("config") or {}), "vocab_size": vocab})
+    shape = dict(cfg.get("shape") or {})
+    if "model_type" not in shape:
+        raise ValueError(f"backbone '{name}': no `shape:` block with a `model_type`; add the architecture's "
+                         "config.json fields (model_type, hidden_size, num_hidden_layers, ...) to its YAML")
+    try:
+        return AutoConfig.for_model(shape.pop("model_type"), **shape)
+    except ValueError as err:
+        raise ValueError(f"backbone '{name}': `shape:` is not a valid transformers config: {err}") from err
+
+
 def load_backbone(cfg: dict):
     """(model, tokenizer) for a backbone config group entry; the model is in eval mode."""
     cfg = dict(cfg)
@@ -121,13 +161,10 @@ def load_backbone(cfg: dict):
 def main(argv: list[str] | None = None) -> None:
     """`python -m papeft.backbones NAME`: fetch/dequantise a backbone from configs/backbone/NAME.yaml."""
     import sys
-    from omegaconf import OmegaConf
 
     names = (argv if argv is not None else sys.argv[1:]) or ["smollm2_135m"]
-    root = Path(__file__).resolve().parents[2] / "configs" / "backbone"
     for name in names:
-        cfg = OmegaConf.to_container(OmegaConf.load(root / f"{name}.yaml"), resolve=True)
-        model, tok = load_backbone(cfg)
+        model, tok = load_backbone(backbone_config(name))
         n = sum(p.numel() for p in model.parameters())
         print(f"backbone {name}: {type(model).__name__}, {n / 1e6:.1f}M parameters, vocab {len(tok)}")
 
