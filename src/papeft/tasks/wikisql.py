@@ -1,4 +1,4 @@
-"""WikiSQL (Zhong et al., 2017): question + table -> SQL, scored by execution accuracy.
+"""WikiSQL (Zhong et al., 2017): question + table -> SQL, scored by execution accuracy (and logical form).
 
 Official files: `{split}.jsonl` questions `{phase, table_id, question, sql: {sel, agg, conds}}`
 and `{split}.tables.jsonl` tables `{id, header, types, rows}`. Only the question files of dev and
@@ -15,10 +15,14 @@ Our readings (the papers are silent):
   reads as a number (thousands commas dropped) is written as a number, any other value as a
   quoted string;
 * table information = table name + column names + types, no rows;
-* execution accuracy: the predicted and gold SQL, each run in the sandbox (`sql_sandbox.py`) on
-  the example's table, return the same rows as multisets (numbers compared as floats). A
-  prediction that fails (hostile, invalid, too slow) scores 0; a gold query that fails also
-  scores 0 and is counted in `gold_errors`;
+* execution accuracy: the predicted and gold SQL, each run in the sandbox (`sql_sandbox.py`, in
+  a separate, killable worker process: `sql_worker.py`) on the example's table, return the same
+  rows as multisets (numbers compared as floats). A prediction that fails (hostile, not a single
+  SELECT, invalid, too slow, too big) scores 0; a gold query that fails also scores 0 and is
+  counted in `gold_errors`;
+* logical-form accuracy (reported beside it, `logical_form_accuracy`): the prediction's canonical
+  SQL (`sql_sandbox.canonical_sql`: sqlparse tokens, case, quoting and whitespace normalised,
+  numbers as numbers, the WHERE conditions as a set, like the official metric) equals the gold's;
 * a prediction in a ``` fence is read from inside the fence; nothing else is repaired;
 * `split_protocol: dev_only` (train.jsonl absent): train/dev are carved 80/20 from dev.jsonl and
   the official test.jsonl stays the test set.
@@ -33,6 +37,7 @@ from typing import Any, Callable, Mapping, Sequence
 from .base import (DATA_ROOT_HINT, DataError, Evaluation, Example, RawRow, Splits, Task, bad_row, cap,
                    carve, cfg_value, check_limit, read_jsonl, register_task, resolve_task_dir)
 from .sql_sandbox import SQL_TYPES, SandboxLimits, TableSandbox, quote_identifier, same_result
+from .sql_worker import SandboxWorker, TableSpec
 
 AGG_OPS = ("", "MAX", "MIN", "COUNT", "SUM", "AVG")
 COND_OPS = ("=", ">", "<", "OP")  # "OP" is WikiSQL's unused placeholder: refused
@@ -66,7 +71,11 @@ class Table:
         return f"table {TABLE_NAME}, columns: {cols}"
 
     def sandbox(self, limits: SandboxLimits | None = None) -> TableSandbox:
+        """The table in an in-process sandbox (evaluation uses `spec()` in a `SandboxWorker`)."""
         return TableSandbox(TABLE_NAME, self.columns, self.types, self.rows, limits)
+
+    def spec(self) -> TableSpec:
+        return TableSpec(self.id, TABLE_NAME, self.columns, self.types, self.rows)
 
 
 @dataclass(frozen=True)
@@ -336,23 +345,22 @@ class WikiSQLTask(Task):
     # ------------------------------------------------------------------ scoring
 
     def verdicts(self, predictions: Sequence[str], examples: Sequence[Example]) -> list[dict]:
-        """Per example: whether the prediction's result equals the gold result, and why not."""
+        """Per example: whether the prediction's result equals the gold result (`correct`), whether its
+        canonical SQL equals the gold's (`lf_match`), and why not."""
         if len(predictions) != len(examples):
             raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
-        sandboxes: dict[str, TableSandbox] = {}
+        specs: dict[str, TableSpec] = {}
         out = []
-        try:
+        with SandboxWorker(self.limits) as worker:
             for pred, ex in zip(predictions, examples):
                 if not isinstance(ex, WikiSQLExample):
                     raise TypeError(f"example {ex.uid} has no table; load it with WikiSQLTask.load")
-                box = sandboxes.get(ex.table.id) or sandboxes.setdefault(ex.table.id, ex.table.sandbox(self.limits))
-                gold, guess = box.run(ex.response), box.run(extract_sql(str(pred)))
+                spec = specs.get(ex.table.id) or specs.setdefault(ex.table.id, ex.table.spec())
+                gold, guess = worker.run(spec, ex.response), worker.run(spec, extract_sql(str(pred)))
                 out.append({"correct": bool(gold.ok and guess.ok and same_result(gold.rows, guess.rows)),
+                            "lf_match": gold.canonical is not None and guess.canonical == gold.canonical,
                             "error_kind": guess.error_kind, "error": guess.error,
                             "gold_error": gold.error})
-        finally:
-            for box in sandboxes.values():
-                box.close()
         return out
 
     def score(self, predictions: list[str], examples: list[Example]) -> float:
@@ -369,6 +377,7 @@ class WikiSQLTask(Task):
         n = max(len(examples), 1)
         metrics = {"failed_queries": float(sum(v["error_kind"] is not None for v in verdicts)),
                    "gold_errors": float(sum(v["gold_error"] is not None for v in verdicts)),
+                   "logical_form_accuracy": 100.0 * sum(v["lf_match"] for v in verdicts) / n,
                    "exact_sql_match": 100.0 * sum(extract_sql(p).strip() == e.response
                                                   for p, e in zip(preds, examples)) / n}
         return Evaluation(100.0 * sum(v["correct"] for v in verdicts) / n, metrics, rows)
