@@ -32,10 +32,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
-from .base import (DATA_ROOT_HINT, DataError, Evaluation, Example, RawRow, Splits, Task, bad_row, cap,
-                   carve, cfg_value, check_limit, read_jsonl, register_task, resolve_task_dir)
+from ..config_checks import Check, above, at_least, one_of
+from .base import (DATA_ROOT_HINT, DataError, Evaluation, Example, RawRow, Splits, Task, TaskConfig, bad_row, cap,
+                   carve, cfg_value, check_limit, read_jsonl, register_task, require_examples, resolve_task_dir)
 from .sql_sandbox import SQL_TYPES, SandboxLimits, TableSandbox, quote_identifier, same_result
 from .sql_worker import SandboxWorker, TableSpec
 
@@ -54,6 +55,27 @@ DEFAULT_SPLIT_SEED = 1234
 TABLES_HINT = ("get the official tables from the WikiSQL release (github.com/salesforce/WikiSQL, "
                "data.tar.bz2) and put {split}.tables.jsonl next to {split}.jsonl, or, with network access, "
                f"set task.tables=hub (or task.source=hub) to read them from the Hugging Face Hub ({HUB_ID})")
+
+
+@dataclass
+class WikiSQLConfig(TaskConfig):
+    """configs/task/wikisql.yaml: the shared task keys plus where tables come from and the sandbox limits."""
+
+    tables: str = "auto"                     # auto | local | hub (with source=local)
+    sql_timeout_s: float = 1.0               # wall clock of one query in the SQL sandbox
+    sql_max_rows: int = 10_000               # a query returning more rows fails
+
+    CHECKS: ClassVar[dict[str, Check]] = {**TaskConfig.CHECKS, "tables": one_of(*TABLE_SOURCES),
+                                          "sql_timeout_s": above(0.0), "sql_max_rows": at_least(1)}
+
+
+def is_cell(value: Any) -> bool:
+    """A table cell or condition value: text or a number (never a bool, list or object)."""
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
+def is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -156,12 +178,18 @@ def parse_table(data: Mapping[str, Any], where: str) -> Table:
     if not isinstance(data.get("id"), str) or not isinstance(header, list) or not isinstance(types, list) \
             or not isinstance(rows, list):
         raise bad_row(where, f"keys {sorted(data)}", expected)
+    if not all(isinstance(h, str) for h in header):
+        raise bad_row(where, f"field 'header' holds {[type(h).__name__ for h in header]}", expected)
     types = [str(t).lower() for t in types]
     if len(types) != len(header) or any(t not in SQL_TYPES for t in types):
         raise bad_row(where, f"types {types} for {len(header)} columns", expected)
     bad = next((i for i, r in enumerate(rows) if not isinstance(r, list) or len(r) != len(header)), None)
     if bad is not None:
         raise bad_row(where, f"row {bad} does not have {len(header)} cells", expected)
+    odd = next(((i, c) for i, r in enumerate(rows) for c in r if not is_cell(c)), None)
+    if odd is not None:
+        raise bad_row(where, f"field 'rows': row {odd[0]} holds a {type(odd[1]).__name__} cell {odd[1]!r}",
+                      "cells that are text or numbers")
     return Table(data["id"], unique_columns(header), tuple(types), tuple(tuple(r) for r in rows))
 
 
@@ -174,10 +202,10 @@ def parse_query(sql: Any, table: Table, where: str) -> Query:
     if isinstance(conds, Mapping):  # hub layout: {column_index: [...], operator_index: [...], condition: [...]}
         conds = list(zip(conds.get("column_index", []), conds.get("operator_index", []), conds.get("condition", [])))
     n = len(table.columns)
-    ok = (isinstance(sql.get("sel"), int) and 0 <= sql["sel"] < n and isinstance(sql.get("agg"), int)
+    ok = (is_index(sql.get("sel")) and 0 <= sql["sel"] < n and is_index(sql.get("agg"))
           and 0 <= sql["agg"] < len(AGG_OPS) and isinstance(conds, list)
-          and all(isinstance(c, (list, tuple)) and len(c) == 3 and isinstance(c[0], int) and 0 <= c[0] < n
-                  and isinstance(c[1], int) and 0 <= c[1] < 3 for c in conds))
+          and all(isinstance(c, (list, tuple)) and len(c) == 3 and is_index(c[0]) and 0 <= c[0] < n
+                  and is_index(c[1]) and 0 <= c[1] < 3 and is_cell(c[2]) for c in conds))
     if not ok:
         raise bad_row(where, f"sql {sql!r} (table {table.id} has {n} columns)", expected)
     return Query(sql["sel"], sql["agg"], tuple((c, o, v) for c, o, v in conds))
@@ -242,6 +270,7 @@ class WikiSQLTask(Task):
     name = "wikisql"
     metric = "execution_accuracy"
     task_dir = "wikisql"
+    config_cls = WikiSQLConfig
 
     def __init__(self) -> None:
         self.limits = SandboxLimits()
@@ -290,7 +319,9 @@ class WikiSQLTask(Task):
         if max_eval is not None and max_eval < max(len(dev), len(test)):
             notes.append(f"max_eval_samples={max_eval}: dev ({len(dev)}) and test ({len(test)}) each capped; "
                          f"test is not the full test set")
-        return Splits(cap(train, max_train, seed), cap(dev, max_eval, seed), cap(test, max_eval, seed), notes)
+        splits = Splits(cap(train, max_train, seed), cap(dev, max_eval, seed), cap(test, max_eval, seed), notes)
+        sources = [HUB_ID] if source == "hub" else [Path(str(data_root)) / self.task_dir / f"{r}.jsonl" for r in roles]
+        return require_examples(splits, self.name, sources)
 
     def _read_local(self, data_root: str | None, roles: Sequence[str], protocol: str, tables_from: str,
                     notes: list[str]) -> dict[str, list[WikiSQLExample]]:
