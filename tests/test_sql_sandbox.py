@@ -20,7 +20,8 @@ SPILLING = [  # sorts, UNION and DISTINCT over long rows: SQLite spills them to 
     f"WITH RECURSIVE c(x, s) AS (SELECT 1, {LONG} UNION ALL SELECT x + 1, s FROM c LIMIT 100000) "
     "SELECT x FROM c ORDER BY s || x LIMIT 1",
     f"WITH RECURSIVE c(x, s) AS (SELECT 1, {LONG} UNION SELECT x + 1, s FROM c) SELECT count(*) FROM c",
-    f"WITH RECURSIVE c(x, s) AS (SELECT 1, {LONG} UNION ALL SELECT x + 1, s FROM c) SELECT count(DISTINCT s || x) FROM c"]
+    f"WITH RECURSIVE c(x, s) AS (SELECT 1, {LONG} UNION ALL SELECT x + 1, s FROM c) "
+    "SELECT count(DISTINCT s || x) FROM c"]
 
 
 def proc_io(pid="self") -> int:

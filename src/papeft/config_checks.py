@@ -30,6 +30,7 @@ class Check:
 
     text: str
     ok: Callable[[Any], bool]
+    detail: Callable[[Any], str] | None = None   # what exactly is wrong with a value that fails
 
     def __or__(self, other: "Check") -> "Check":
         return Check(f"{self.text} or {other.text}", lambda v: self.ok(v) or other.ok(v))
@@ -44,11 +45,14 @@ def _number(v: Any) -> bool:
 
 def role_names(allowed: tuple[str, ...]) -> Check:
     """A non-empty list of role names from `allowed`."""
-    return Check(f"a non-empty list of roles from {list(allowed)}", lambda v: len(v) > 0 and set(v) <= set(allowed))
+    unknown = lambda v: [r for r in v if r not in allowed]   # noqa: E731
+    return Check(f"a non-empty list of roles from {list(allowed)}", lambda v: len(v) > 0 and not unknown(v),
+                 lambda v: f"role {unknown(v)[0]!r} is unknown" if unknown(v) else "no role")
 
 
 def at_least(lo: float) -> Check:
-    return Check(f"a number >= {lo}" if isinstance(lo, float) else f"an integer >= {lo}", lambda v: _number(v) and v >= lo)
+    what = f"a number >= {lo}" if isinstance(lo, float) else f"an integer >= {lo}"
+    return Check(what, lambda v: _number(v) and v >= lo)
 
 
 def above(lo: float) -> Check:
@@ -57,7 +61,8 @@ def above(lo: float) -> Check:
 
 def between(lo: float, hi: float, *, low_open: bool = False, high_open: bool = False) -> Check:
     text = f"a number in {'(' if low_open else '['}{lo}, {hi}{')' if high_open else ']'}"
-    return Check(text, lambda v: _number(v) and (lo < v if low_open else lo <= v) and (v < hi if high_open else v <= hi))
+    inside = lambda v: (lo < v if low_open else lo <= v) and (v < hi if high_open else v <= hi)   # noqa: E731
+    return Check(text, lambda v: _number(v) and inside(v))
 
 
 def one_of(*choices: Any) -> Check:
@@ -149,7 +154,8 @@ def check_values(config_cls: type, values: dict[str, Any], where: str) -> dict[s
             continue
         check = checks.get(key)
         if value is not None and check is not None and not check.ok(value):
-            problems.append(f"{where}.{key}={value!r}: expected {check.text}")
+            detail = f"{check.detail(value)}; " if check.detail else ""
+            problems.append(f"{where}.{key}={value!r}: {detail}expected {check.text}")
             continue
         out[key] = _coerce(value, tp)
     if problems:

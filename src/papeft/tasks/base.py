@@ -181,8 +181,9 @@ def text_lines(path: Path) -> Iterator[str]:
             try:
                 line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
             except UnicodeDecodeError as exc:
-                raise bad_row(f"{path}: line {line_no}", f"bytes that are not UTF-8 text ({raw[exc.start:exc.start + 8]!r} "
-                              f"at byte {exc.start + 1} of the line)", "a UTF-8 text file") from None
+                bad = raw[exc.start:exc.start + 8]
+                raise bad_row(f"{path}: line {line_no}", f"bytes that are not UTF-8 text ({bad!r} at byte "
+                              f"{exc.start + 1} of the line)", "a UTF-8 text file") from None
             if "\x00" in line:
                 raise bad_row(f"{path}: line {line_no}", "a NUL byte (binary data)", "a UTF-8 text file")
             yield line

@@ -234,10 +234,13 @@ class TableSandbox:
         if len(sql) > self.limits.max_sql_chars:
             return QueryResult(None, "too_long", f"{len(sql)} characters > {self.limits.max_sql_chars}")
         self._deadline = time.monotonic() + self.limits.timeout_s
-        statement, kind, message = single_select(sql)
+        try:
+            statement, kind, message = single_select(sql)
+            canonical = canonical_sql(statement) if statement is not None else None
+        except Exception as exc:  # noqa: BLE001  (a text sqlparse cannot take is no query of ours)
+            return QueryResult(None, "invalid_sql", f"sqlparse: {type(exc).__name__}: {exc}")
         if statement is None:
             return QueryResult(None, kind, message)
-        canonical = canonical_sql(statement)
         if time.monotonic() > self._deadline:
             return QueryResult(None, "timeout", "parsing took the whole time limit", canonical)
         self.conn.set_progress_handler(self._progress, self.limits.progress_every)

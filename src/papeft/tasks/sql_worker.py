@@ -11,7 +11,8 @@ script) that holds the last 64 tables it was sent, each in a `TableSandbox`. Wha
   half of it; the evaluating process only ever receives results of at most `max_rows` rows and
   `max_result_chars` characters;
 * disk: 0 bytes. Temporary tables stay in memory (`temp_store=MEMORY`), and the worker may not
-  grow any file past 0 bytes (RLIMIT_FSIZE = 0), so a write would fail rather than land on disk.
+  grow any file past 0 bytes (RLIMIT_FSIZE = 0), so a write would fail rather than land on disk
+  (so would its own error output, should stderr be a file: its answers travel over pipes).
 
 Any failure (killed, crashed, out of memory) is a `QueryResult` with an error kind; evaluation goes
 on and scores it 0. POSIX only (`resource`, `select` on pipes).
