@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from papeft import runner
 from papeft.tuners import METHODS
 from papeft.tasks import TASKS
 from conftest import REPO
@@ -20,6 +21,7 @@ def options(group):
 def test_every_config_composes(group, option):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("config", overrides=[f"{group}={option}"], return_hydra_config=True)
+    runner.read_configs(cfg)                       # every task, method and trainer key passes its checks
     if group == "method":
         assert cfg.method.name == option and cfg.method.type in METHODS
     if group == "task":

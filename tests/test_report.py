@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -242,3 +243,56 @@ def test_tables_name_the_commits_of_their_runs(tmp_path):
     put(tmp_path, "d", rec(seed=3))                                          # a run from before provenance
     md = write_tables([tmp_path], tmp_path / "mixed")["md"].read_text()
     assert "aaaaaaa (2 runs), bbbbbbb+dirty (1 run), unknown (run predates provenance) (1 run)" in md
+
+
+def test_a_method_whose_every_seed_is_nan_keeps_its_row_and_says_why(tmp_path):
+    judge = {"judge_missing": 160.0, "n_judged": 0.0, "rouge_l": 21.5}
+    for seed in (0, 1):
+        put(tmp_path, f"a/s{seed}", rec("a", seed=seed, score=float("nan"), metric="judge_score", metrics=judge))
+        put(tmp_path, f"b/s{seed}", rec("b", seed=seed, score=50 + seed, metric="judge_score"))
+    put(tmp_path, "c/s0", rec("c", seed=0, score=float("nan"), metric="judge_score"))
+    put(tmp_path, "c/s1", rec("c", seed=1, score=40, metric="judge_score"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        paths = write_tables([tmp_path], tmp_path / "median")
+    md, tex = paths["md"].read_text(), paths["tex"].read_text()
+    a_line = next(line for line in md.splitlines() if line.startswith("| smollm2_135m | a |"))
+    c_line = next(line for line in md.splitlines() if line.startswith("| smollm2_135m | c |"))
+    assert a_line.split("|")[4].strip() == "NaN" and "40.0_ (n=1, 1 NaN)" in c_line
+    why = md.split("Runs without a score:")[1]
+    assert why.count("judge_score is NaN") == 3 and "judge_missing=160, n_judged=0" in why
+    assert str(tmp_path / "a/s0/metrics.json") in why and "`NaN`" in md
+    assert "NaN" in tex and "Without a score" in tex
+    table = {r["method"]: r for r in csv.DictReader(io.StringIO(paths["csv"].read_text()))}
+    assert table["a"]["copa_nan"] == "2" and table["a"]["copa_median"] == "" and table["b"]["copa_median"] == "50.5"
+    assert not [w for w in caught if "skipping" in str(w.message)]
+
+
+BROKEN_FIELDS = {
+    "params_text": {"params_trainable_no_bias": "abc"}, "seed_list": {"seed": [0]}, "seed_text": {"seed": "0"},
+    "seed_bool": {"seed": True}, "backbone_object": {"backbone": {"name": "x"}}, "task_null": {"task": None},
+    "method_empty": {"method": ""}, "notes_number": {"notes": 5}, "artifacts_text": {"artifacts": "fig.png"},
+    "metrics_list": {"metrics": [1, 2]}, "score_text": {"score": "high"}, "score_inf": {"score": float("inf")},
+    "metric_list": {"metric": ["accuracy"]}, "params_negative": {"params_trainable_no_bias": -5},
+}
+
+
+def test_a_malformed_field_skips_that_file_naming_it_and_the_report_goes_on(tmp_path):
+    put(tmp_path, "good/s0", rec("good", seed=0, score=60))
+    put(tmp_path, "good/s1", rec("good", seed=1, score=70))
+    for name, fields in BROKEN_FIELDS.items():
+        put(tmp_path, f"broken/{name}", {**rec("broken", seed=0, score=99), **fields})
+    bad_failure = tmp_path / "failed_seed_object" / "failed.json"
+    bad_failure.parent.mkdir()
+    bad_failure.write_text(json.dumps({"status": "failed", "backbone": "smollm2_135m", "method": "broken",
+                                       "task": "copa", "seed": {"n": 0}, "error": "x"}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        paths = write_tables([tmp_path], tmp_path / "median")
+    said = "\n".join(str(w.message) for w in caught)
+    for name in BROKEN_FIELDS:
+        assert f"skipping {tmp_path / 'broken' / name / 'metrics.json'}" in said, name
+    assert f"skipping {bad_failure}" in said
+    md = paths["md"].read_text()
+    assert "| good |" in md and "65.0" in md and "broken" not in md
+    assert run_cli(tmp_path).returncode == 0

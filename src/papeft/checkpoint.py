@@ -59,6 +59,15 @@ class NonFiniteLossError(RuntimeError):
     """A loss or gradient norm became NaN or infinite; the last good checkpoint is kept."""
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that exists but cannot be resumed (truncated, garbled, not this code's layout)."""
+
+    def __init__(self, path: Path, cause: BaseException):
+        super().__init__(f"{path} cannot be resumed ({type(cause).__name__}: {cause}). Delete it, or rerun this "
+                         f"cell with resume=never to start it from scratch.")
+        self.path = path
+
+
 # ---------------------------------------------------------------------------- config hash
 
 def _strip(node: Any, prefix: str = "") -> Any:
@@ -160,16 +169,22 @@ class Checkpointer:
         log.info("checkpoint at step %s -> %s", state.get("train", {}).get("step"), self.path)
 
     def load(self) -> tuple[dict[str, torch.Tensor], dict] | None:
-        """(tensors, state) of this config's checkpoint; None when there is none (or it is another config's)."""
+        """(tensors, state) of this config's checkpoint; None when there is none (or it is another config's);
+        CheckpointError (naming the file and what to do) when it cannot be read."""
         if not self.path.exists():
             return None
-        with safe_open(str(self.path), framework="pt") as f:
-            header = json.loads((f.metadata() or {}).get("papeft", "{}"))
-            if header.get("format") != FORMAT_VERSION or header.get("config_hash") != self.config_hash:
-                log.warning("ignoring %s: written for another config (hash %s, this run %s)",
-                            self.path, header.get("config_hash"), self.config_hash)
-                return None
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                header = json.loads((f.metadata() or {}).get("papeft", "{}"))
+                if header.get("format") != FORMAT_VERSION or header.get("config_hash") != self.config_hash:
+                    log.warning("ignoring %s: written for another config (hash %s, this run %s)",
+                                self.path, header.get("config_hash"), self.config_hash)
+                    return None
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            if not isinstance(header.get("state"), dict) or not isinstance(header["state"].get("train"), dict):
+                raise ValueError("its header has no training state")
+        except Exception as exc:  # noqa: BLE001  (safetensors, JSON and layout errors alike)
+            raise CheckpointError(self.path, exc) from exc
         return tensors, header["state"]
 
     def clear(self) -> None:
@@ -178,12 +193,17 @@ class Checkpointer:
 
 
 def peek_step(run_dir: str | Path) -> int | None:
-    """The step of the checkpoint under `run_dir`, read from the header only (None if absent)."""
+    """The step of the checkpoint under `run_dir`, read from the header only (None if absent or unreadable)."""
     path = Path(run_dir) / CHECKPOINT_DIR / CHECKPOINT_FILE
     if not path.exists():
         return None
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads(f.metadata()["papeft"])["state"]["train"]["step"]
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            step = json.loads(f.metadata()["papeft"])["state"]["train"]["step"]
+    except Exception as exc:  # noqa: BLE001  (recording a failure must not fail on the checkpoint)
+        log.warning("cannot read the step of %s: %s: %s", path, type(exc).__name__, exc)
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 # ---------------------------------------------------------------------------- pre-emption

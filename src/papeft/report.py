@@ -2,9 +2,12 @@
 
 Rows are (backbone, method), columns are tasks, and each cell is the median score over
 seeds with its interquartile range. Only ``metrics.json`` records with ``"status": "complete"``
-count; unreadable or malformed files are skipped with a warning naming the file. Runs that
-wrote ``failed.json`` are listed and flag their cell (a cell with only failures reads
-``failed``), never as a number. Rendering: papeft.report_format; figures: papeft.plots.
+count; unreadable files, and files with any malformed field the report reads, are skipped with
+a warning naming the file (never an abort). Runs that wrote ``failed.json`` are listed and flag
+their cell (a cell with only failures reads ``failed``), never as a number. A complete run whose
+score is NaN keeps its row: the cell reads ``NaN`` when no seed has a score (else the median of
+the others, flagged), and the table lists each such run with why.
+Rendering: papeft.report_format; figures: papeft.plots.
 
 CLI: ``python -m papeft.report <dir> [--out OUTDIR] [--name median] [--paper table1] [--plots] [--no-iqr]``.
 """
@@ -39,6 +42,7 @@ class Cell:
     metric: str | None
     scores: list[float]
     failed: int = 0
+    unscored: list[str] = field(default_factory=list)   # one line per run whose score is NaN, saying why
 
     @property
     def n(self) -> int:
@@ -80,17 +84,56 @@ def read_json(path: Path) -> Any:
         return None
 
 
-def _problem(rec: object) -> str | None:
-    """Why a record cannot be counted (None when it is well formed)."""
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, str) or isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _key_problem(rec: object, keys: Sequence[str]) -> str | None:
+    """Why `rec` cannot be grouped: not an object, a missing key, a name that is not text, a seed
+    that is not an integer."""
     if not isinstance(rec, dict):
         return "not a JSON object"
-    missing = [k for k in REQUIRED if k not in rec]
+    missing = [k for k in keys if k not in rec]
     if missing:
         return f"missing keys {missing}"
-    score = rec["score"]
-    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
-        return f"score is not a finite number: {score!r}"
+    names = [k for k in ("backbone", "method", "task", "metric", "status") if k in keys
+             and (not isinstance(rec[k], str) or not rec[k])]
+    if names:
+        return f"field {names[0]!r} is {rec[names[0]]!r}, not a non-empty string"
+    if not _integer(rec["seed"]):
+        return f"field 'seed' is {rec['seed']!r}, not an integer"
     return None
+
+
+def _problem(rec: object) -> str | None:
+    """Why a record cannot be counted (None when it is well formed): every field the report reads is checked."""
+    why = _key_problem(rec, REQUIRED)
+    if why:
+        return why
+    score = rec["score"]
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or math.isinf(score):
+        return f"field 'score' is {score!r}, not a number (NaN is kept as a run without a score)"
+    if not _integer(rec["params_trainable_no_bias"]) or rec["params_trainable_no_bias"] < 0:
+        return f"field 'params_trainable_no_bias' is {rec['params_trainable_no_bias']!r}, not a count"
+    for key, ok in (("notes", _strings), ("artifacts", lambda v: isinstance(v, list) and _strings(v)),
+                    ("metrics", lambda v: isinstance(v, dict))):
+        if rec.get(key) is not None and not ok(rec[key]):
+            return f"field {key!r} is {rec[key]!r}"
+    return None
+
+
+def unscored_line(rec: dict) -> str:
+    """Why a complete run has no score: its metric is NaN, with the counts that usually explain it."""
+    extra = rec.get("metrics") or {}
+    hints = [f"{k}={v:g}" for k, v in sorted(extra.items()) if isinstance(v, (int, float)) and not isinstance(v, bool)
+             and any(word in k for word in ("missing", "judged", "error", "failed"))]
+    return (f"{rec['backbone']} / {rec['method']} / {rec['task']} / seed {rec['seed']}: {rec['metric']} is NaN"
+            + (f" ({', '.join(hints[:4])})" if hints else "") + f": no test example could be scored; "
+            f"see {rec.get('_source', 'its metrics.json')}")
 
 
 def _usable(rec: dict, source: str) -> bool:
@@ -131,10 +174,11 @@ def collect_failures(root: str | Path) -> list[dict]:
     out = []
     for path in sorted(root.rglob("failed.json")):
         rec = read_json(path)
-        if isinstance(rec, dict) and all(k in rec for k in FAILURE_KEYS):
+        why = "unreadable" if rec is None else _key_problem(rec, FAILURE_KEYS)
+        if why is None:
             out.append({**rec, "_source": str(path)})
         else:
-            warnings.warn(f"skipping {path}: not a failure record", stacklevel=2)
+            warnings.warn(f"skipping {path}: not a failure record ({why})", stacklevel=2)
     return out
 
 
@@ -176,7 +220,10 @@ def median_table(records: Iterable[dict], failures: Iterable[dict] = (), order: 
         elif str(rec["metric"]) != cell.metric:
             warnings.warn(f"task {rec['task']!r} reports metrics {cell.metric!r} and "
                           f"{rec['metric']!r}; using {cell.metric!r}", stacklevel=2)
-        cell.scores.append(float(rec["score"]))
+        if math.isnan(rec["score"]):
+            cell.unscored.append(unscored_line(rec))
+        else:
+            cell.scores.append(float(rec["score"]))
     done = {_key(r) for r in good}
     for fail in failures:
         if _key(fail) in done:
@@ -223,6 +270,8 @@ def budget_series(records: Iterable[dict]) -> dict[str, dict[str, list[tuple[int
     families with at least two budgets (Figure 2: score against tunable parameters)."""
     groups: dict[tuple, list[float]] = {}
     for rec in _dedupe([r for r in records if _usable(r, str(r.get("_source", "<dict>")))]):
+        if math.isnan(rec["score"]):
+            continue
         key = (str(rec["task"]), method_family(rec), int(rec["params_trainable_no_bias"]))
         groups.setdefault(key, []).append(float(rec["score"]))
     out: dict[str, dict[str, list]] = {}

@@ -4,7 +4,8 @@ Layout of the paper's Table 1: one row per (backbone, method) with its tunable-p
 one column per task; each cell is the median over seeds, followed by the interquartile range in
 brackets when there are several seeds; best per column in bold, second underlined (Markdown:
 italics); `(n=k)` flags a cell with fewer complete seeds than expected, `failed` a cell whose every
-run failed, `–` a cell never run. Paper rows (papeft.paper_numbers) come after ours, under a rule.
+run failed, `NaN` a cell whose every finished run reported a NaN score (listed below the table with
+why), `–` a cell never run. Paper rows (papeft.paper_numbers) come after ours, under a rule.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ if TYPE_CHECKING:                                    # pragma: no cover
 LOWER_IS_BETTER = frozenset({"loss", "perplexity", "ppl", "wer", "ter"})
 MISSING = "–"
 FAILED = "failed"
+NAN = "NaN"
 
 
 def format_params(n: int) -> str:
@@ -51,7 +53,12 @@ def tasks_of(rows: list["Row"], paper: "PaperTable | None" = None) -> list[tuple
 
 
 def expected_seeds(rows: list["Row"]) -> int:
-    return max((c.n + c.failed for r in rows for c in r.cells.values()), default=0)
+    return max((c.n + c.failed + len(c.unscored) for r in rows for c in r.cells.values()), default=0)
+
+
+def unscored_lines(rows: list["Row"]) -> list[str]:
+    """Why each run without a score has none, in table order."""
+    return [line for r in rows for c in r.cells.values() for line in c.unscored]
 
 
 def _ranks(rows: list["Row"], task: str, metric: str) -> dict[str, int]:
@@ -75,15 +82,16 @@ def _cells(rows: list["Row"], tasks: list[tuple[str, str]], mark: dict[int, Call
             if cell is None:
                 cells.append(MISSING)
                 continue
+            flags = [f"{cell.failed} failed"] * bool(cell.failed) + [f"{len(cell.unscored)} NaN"] * bool(cell.unscored)
             if cell.n == 0:
-                cells.append(failed)
+                cells.append(NAN + (f" ({flags[0]})" if cell.failed else "") if cell.unscored else failed)
                 continue
             text = f"{cell.median:.1f}"
             text = mark.get(ranks.get(text), str)(text)
             if iqr is not None and cell.n > 1:
                 text += iqr(f"{cell.iqr:.1f}")
             if cell.n < expected:
-                text += f" (n={cell.n}" + (f", {cell.failed} failed)" if cell.failed else ")")
+                text += f" (n={cell.n}" + "".join(f", {f}" for f in flags) + ")"
             cells.append(text)
     return out
 
@@ -96,7 +104,7 @@ def _paper_cells(paper: "PaperTable", tasks: list[tuple[str, str]]) -> list[tupl
 
 FOOTER = ("Median over seeds, [interquartile range] when there are several; best per column in bold, "
           "second in italics; `(n=k)`: fewer complete seeds than expected; `failed`: every run failed; "
-          f"`{MISSING}`: not run.")
+          f"`{NAN}`: every finished run reported a NaN score (listed below); `{MISSING}`: not run.")
 
 
 def to_markdown(rows: list["Row"], notes: Sequence[str] = (), paper: "PaperTable | None" = None,
@@ -119,6 +127,8 @@ def to_markdown(rows: list["Row"], notes: Sequence[str] = (), paper: "PaperTable
         lines += ["", f"Rows marked (paper): {paper.source}."]
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    if unscored_lines(rows):
+        lines += ["", "Runs without a score:", ""] + [f"- {esc(line)}" for line in unscored_lines(rows)]
     if failures:
         lines += ["", "Failed runs:", ""] + [f"- {failure_line(f)}" for f in failures]
     return "\n".join(lines) + "\n"
@@ -138,17 +148,17 @@ def to_csv(rows: list["Row"], paper: "PaperTable | None" = None) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["backbone", "method", "params"]
-                    + [f"{t}_{s}" for t in tasks for s in ("median", "n", "iqr", "failed")])
+                    + [f"{t}_{s}" for t in tasks for s in ("median", "n", "iqr", "failed", "nan")])
     for row in rows:
         vals: list[object] = [row.backbone, row.method, max(row.params) if row.params else ""]
         for t in tasks:
             c = row.cells.get(t)
             if c is None:
-                vals += ["", "", "", ""]
+                vals += ["", "", "", "", ""]
             elif c.n == 0:
-                vals += ["", 0, "", c.failed]
+                vals += ["", 0, "", c.failed, len(c.unscored)]
             else:
-                vals += [round(c.median, 4), c.n, round(c.iqr, 4), c.failed]
+                vals += [round(c.median, 4), c.n, round(c.iqr, 4), c.failed, len(c.unscored)]
         writer.writerow(vals)
     return buf.getvalue()
 
@@ -182,8 +192,10 @@ def to_latex(rows: list["Row"], notes: Sequence[str] = (), paper: "PaperTable | 
                                      tex_escape(params)] + cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     legend = "Median over seeds" + (", [interquartile range]" if iqr else "") + \
-             "; best per column in bold, second underlined; (n=k): fewer complete seeds than expected."
+             "; best per column in bold, second underlined; (n=k): fewer complete seeds than expected; " \
+             "NaN: every finished run reported a NaN score."
     lines.append(rf"\par\footnotesize {tex_escape(legend)}")
+    lines += [rf"\par\footnotesize {tex_escape('Without a score: ' + line)}" for line in unscored_lines(rows)]
     if paper:
         lines.append(rf"\par\footnotesize {tex_escape('Rows marked (paper): ' + paper.source + '.')}")
     lines += [rf"\par\footnotesize {tex_escape(n)}" for n in notes]

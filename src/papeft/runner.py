@@ -13,6 +13,13 @@ Sweeps that survive (`resume: auto`, the default):
   multirun the job then returns, so the other cells go on; a single run re-raises.
 `resume: never` starts every cell from scratch. Every run logs to wandb (offline unless
 WANDB_MODE says otherwise) unless `wandb.enabled: false`.
+
+Before anything is written or loaded, every task, method and trainer key is type- and
+range-checked (`read_configs`). One process at a time runs a cell (`cell.lock`,
+papeft.cell_lock): a second one names the holder and stops with `CellLocked`, touching
+nothing (an error in a single run; logged and skipped in a multirun). A checkpoint that
+cannot be resumed stops the cell with a `CheckpointError` naming the file (recorded in
+`failed.json`; `resume=never` or deleting it starts over).
 """
 from __future__ import annotations
 
@@ -22,22 +29,25 @@ import os
 import random
 import traceback
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from papeft.backbones import load_backbone
+from papeft.cell_lock import CellLock, CellLocked
 from papeft.checkpoint import CHECKPOINT_DIR, Checkpointer, Preempted, config_hash, peek_step
 from papeft.distributed import Parallel
-from papeft.io import write_json, write_jsonl, write_text
+from papeft.io import remove_stale_temps, write_json, write_jsonl, write_text
 from papeft.prompting import PromptFormatter
 from papeft.provenance import environment
 from papeft.report import read_json, write_tables
 from papeft.tasks import get_task
+from papeft.tasks.base import TaskConfig
 from papeft.trainer import Trainer, TrainerConfig
 from papeft.tuners import build_method
-from papeft.tuners.base import make_config
+from papeft.tuners.base import make_config, method_config
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +93,20 @@ def finished_metrics(run_dir: Path, chash: str) -> dict | None:
     if isinstance(rec, dict) and rec.get("status") == "complete" and rec.get("config_hash") == chash:
         return rec
     return None
+
+
+class RunConfigs(NamedTuple):
+    task: TaskConfig
+    method: tuple[Any, Any]           # (the registered method, its config)
+    trainer: TrainerConfig
+
+
+def read_configs(cfg: DictConfig) -> RunConfigs:
+    """Every task, method and trainer key of a run, type- and range-checked; an error names the key,
+    the value and what is allowed. Nothing is loaded or written."""
+    plain = lambda node: OmegaConf.to_container(node, resolve=True)   # noqa: E731
+    return RunConfigs(get_task(cfg.task.name).parse_config(plain(cfg.task)), method_config(plain(cfg.method)),
+                      make_config(TrainerConfig, plain(cfg.trainer), where="trainer"))
 
 
 def in_multirun() -> bool:
@@ -147,11 +171,26 @@ def run_single(cfg: DictConfig, seed: int, raise_on_failure: bool = True) -> dic
     if resume == "auto" and (done := finished_metrics(out, chash)):
         print(f"{label} finished earlier with this config ({chash}): skipped -> {out}")
         return done
-    parallel = Parallel(str(cfg.trainer.get("distributed", "none")), str(cfg.trainer.get("device", "auto")))
-    checkpointer = Checkpointer(out / CHECKPOINT_DIR, chash, int(cfg.trainer.get("checkpoint_every") or 0),
-                                write=parallel.is_main)
+    configs = read_configs(cfg)                 # before the cell is touched or any model is loaded
+    parallel = Parallel(configs.trainer.distributed, configs.trainer.device)
+    try:
+        with CellLock(out, enabled=parallel.is_main):   # a second process on this cell stops here, touching nothing
+            return _run_cell(cfg, seed, out, resolved, chash, label, resume, configs, parallel, raise_on_failure)
+    except CellLocked as exc:
+        if raise_on_failure:
+            raise
+        log.error("%s %s", label, exc)
+        return None
+
+
+def _run_cell(cfg: DictConfig, seed: int, out: Path, resolved: dict, chash: str, label: str, resume: str,
+              configs: RunConfigs, parallel: Parallel, raise_on_failure: bool) -> dict | None:
+    """One cell with its lock held: clear what an earlier attempt left, train and test, record a failure."""
+    checkpointer = Checkpointer(out / CHECKPOINT_DIR, chash, configs.trainer.checkpoint_every, write=parallel.is_main)
     if parallel.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        for folder in (out, out / CHECKPOINT_DIR, out / "adapter"):   # temp files of writes killed half way
+            remove_stale_temps(folder, every=True)
         (out / METRICS).unlink(missing_ok=True)           # never leave a stale "finished" marker
         (out / FAILED).unlink(missing_ok=True)
         if resume == "never":
@@ -160,7 +199,7 @@ def run_single(cfg: DictConfig, seed: int, raise_on_failure: bool = True) -> dic
     parallel.barrier()
     tracker = WandbRun.start(cfg, resolved, out, chash, seed) if parallel.is_main else WandbRun()
     try:
-        metrics = _train_and_test(cfg, seed, out, chash, parallel, checkpointer, tracker)
+        metrics = _train_and_test(cfg, seed, out, chash, parallel, checkpointer, tracker, configs)
     except Preempted as exc:
         tracker.finish(exit_code=1)
         log.warning("%s %s; the same command resumes it", label, exc)
@@ -187,16 +226,16 @@ def run_single(cfg: DictConfig, seed: int, raise_on_failure: bool = True) -> dic
 
 
 def _train_and_test(cfg: DictConfig, seed: int, out: Path, chash: str, parallel: Parallel,
-                    checkpointer: Checkpointer, tracker: WandbRun) -> dict:
+                    checkpointer: Checkpointer, tracker: WandbRun, configs: RunConfigs) -> dict:
     seed_everything(seed)
     task = get_task(cfg.task.name)
-    splits = task.load(cfg.task, cfg.data.root)
+    splits = task.load(configs.task, cfg.data.root)
     log.info("%s: %d train / %d dev / %d test", task.name, len(splits.train), len(splits.dev), len(splits.test))
     model, tok = load_backbone(OmegaConf.to_container(cfg.backbone, resolve=True))
     adapted = build_method(model, OmegaConf.to_container(cfg.method, resolve=True))
     if hasattr(adapted, "set_tokenizer"):           # methods that read prompt text (LoPA's MiniLM encoder)
         adapted.set_tokenizer(tok)
-    tcfg = make_config(TrainerConfig, OmegaConf.to_container(cfg.trainer, resolve=True), where="trainer")
+    tcfg = configs.trainer
     fmt = PromptFormatter(tok, cfg.backbone.chat_template, cfg.backbone.get("system_prompt"), tcfg.max_length)
     enc = {name: [fmt.encode(e.prompt, e.response) for e in getattr(splits, name)] for name in ("train", "dev")}
 
@@ -257,5 +296,6 @@ def run(cfg: DictConfig) -> list[dict]:
         print("tables:", ", ".join(str(p) for p in paths.values()))
     failed = [s for s, m in results.items() if m is None]
     if failed and not multirun:
-        raise RuntimeError(f"seeds {failed} failed: see {FAILED} in their run directories")
+        raise RuntimeError(f"seeds {failed} failed (see {FAILED} in their run directories) or were being run by "
+                           f"another process (logged above)")
     return [m for m in results.values() if m is not None]

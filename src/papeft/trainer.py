@@ -20,14 +20,15 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from papeft.checkpoint import (Checkpointer, NonFiniteLossError, PreemptionGuard, load_optimizer_state,
-                               optimizer_state, prefixed, rng_state, set_rng_state, unprefixed)
+from papeft.checkpoint import (CheckpointError, Checkpointer, NonFiniteLossError, PreemptionGuard,
+                               load_optimizer_state, optimizer_state, prefixed, rng_state, set_rng_state, unprefixed)
+from papeft.config_checks import Check, above, at_least, between, one_of
 from papeft.distributed import Parallel
 from papeft.prompting import Encoded, collate_prompts, collate_train
 from papeft.tuners.base import AdaptedModel
@@ -54,6 +55,15 @@ class TrainerConfig:
     checkpoint_every: int = 0            # steps between resumable checkpoints; 0: only at the end and on pre-emption
     distributed: str = "none"            # none | accelerate (under `accelerate launch` / `torchrun`)
 
+    # what each key may hold beyond its type; checked when the config is read (config_checks.make_config)
+    CHECKS: ClassVar[dict[str, Check]] = {
+        "lr": above(0.0), "weight_decay": at_least(0.0), "warmup_ratio": between(0, 1), "max_epochs": at_least(1),
+        "max_steps": at_least(1), "batch_size": one_of("auto") | at_least(1), "micro_batch_size": at_least(1),
+        "eval_batch_size": at_least(1), "max_length": at_least(1), "eval_every": at_least(1), "patience": at_least(1),
+        "max_grad_norm": above(0.0), "num_beams": at_least(1), "max_new_tokens": at_least(1),
+        "device": Check("'auto' or a torch device (cpu, cuda, cuda:N, mps)", lambda v: v == "auto" or _is_device(v)),
+        "checkpoint_every": at_least(0), "distributed": one_of("none", "accelerate")}
+
     def effective_batch_size(self, n_train: int) -> int:
         if self.batch_size == "auto":
             return 16 if n_train < 10_000 else 128
@@ -75,6 +85,14 @@ class TrainState:
     elapsed_s: float = 0.0
     stopped_early: bool = False
     finished: bool = False
+
+
+def _is_device(name: str) -> bool:
+    try:
+        torch.device(name)
+    except (RuntimeError, TypeError):
+        return False
+    return True
 
 
 def _to(batch: dict, device) -> dict:
@@ -142,7 +160,12 @@ class Trainer:
 
         self.model.on_train_begin(total)
         st, self._best = TrainState(), None
-        resumed_from = self._restore(st, parts)
+        try:
+            resumed_from = self._restore(st, parts)
+        except CheckpointError:
+            raise
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:   # this config's, but unusable
+            raise CheckpointError(self.checkpointer.path, exc) from exc
         bar = tqdm(total=total, initial=st.step, desc="train", disable=not cfg.progress or not self.parallel.is_main)
         self._start = time.perf_counter() - st.elapsed_s
         self.model.train()

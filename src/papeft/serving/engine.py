@@ -107,23 +107,45 @@ class MultiTenantEngine:
             raise TenantError(f"tenant '{name}' is already loaded; remove it first")
         try:
             tenant = load_tenant(name, directory, self.backbone, self.tokenizer)
-            if tenant.kind == "lora" and self.lora_backend == "peft":
-                self._peft_add(tenant)
-            elif tenant.kind in BANKS:
-                cls = BANKS[tenant.kind]
-                key = (tenant.kind, cls.signature(tenant))
-                if key not in self.banks:
-                    self.banks[key] = cls.for_tenant(tenant)
-                self.banks[key].add(tenant)
-                self._bank_of[name] = key
+            try:
+                self._place(name, tenant)
+            except TenantError:
+                raise
+            except Exception as e:  # noqa: BLE001  (a tenant that does not fit is refused; the others stay)
+                raise TenantError(f"{directory}: cannot place tenant '{name}': {type(e).__name__}: {e}") from e
+            if not isinstance(tenant, SoftPromptTenant):     # weights now live in a bank (or peft): keep a record
+                tenant = Tenant(name, tenant.method, tenant.directory, tenant.kind)
+            self.tenants[name] = tenant
+            self._probe(name, directory)
         except TenantError as e:
             self.refused[name] = str(e)
             raise
         self.refused.pop(name, None)
-        if not isinstance(tenant, SoftPromptTenant):     # weights now live in a bank (or peft): keep a record
-            tenant = Tenant(name, tenant.method, tenant.directory, tenant.kind)
-        self.tenants[name] = tenant
         return tenant
+
+    def _place(self, name: str, tenant: Tenant) -> None:
+        """Put a loaded tenant's weights where batches read them: peft, or the bank of its layout."""
+        if tenant.kind == "lora" and self.lora_backend == "peft":
+            self._peft_add(tenant)
+        elif tenant.kind in BANKS:
+            cls = BANKS[tenant.kind]
+            key = (tenant.kind, cls.signature(tenant))
+            if key not in self.banks:
+                self.banks[key] = cls.for_tenant(tenant)
+            self.banks[key].add(tenant)
+            self._bank_of[name] = key
+
+    def _probe(self, name: str, directory: str | Path) -> None:
+        """One short prompt through the new tenant: outputs that are not finite refuse it (and undo the add)."""
+        vocab = self.backbone.get_input_embeddings().num_embeddings
+        try:
+            finite = bool(torch.isfinite(self.logits([Request([i % vocab for i in range(1, 9)], name)])[0]).all())
+            why = "its outputs on a probe prompt are not finite"
+        except Exception as e:  # noqa: BLE001
+            finite, why = False, f"a probe prompt fails: {type(e).__name__}: {e}"
+        if not finite:
+            self.remove_tenant(name)
+            raise TenantError(f"{directory}: {why}; its weights would make every answer meaningless")
 
     def remove_tenant(self, name: str) -> None:
         if name not in self.tenants:

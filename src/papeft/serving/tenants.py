@@ -2,10 +2,16 @@
 
 A tenant is loaded from the directory `AdaptedModel.save_adapter` writes
 (`adapter_config.json` with `method`, `config`, `backbone` fingerprint, and
-`adapter.safetensors`). Loading refuses, with a `TenantError` that says why:
-a missing or unreadable directory, a method nobody registered, an adapter saved
-for another backbone, a corrupt or truncated safetensors file, non-finite
-weights, or tensors whose names or shapes do not fit the method.
+`adapter.safetensors`). Loading refuses, with a `TenantError` that names the
+directory and says why, every malformed adapter: a missing or unreadable
+directory or config, a config of the wrong shape, a method nobody registered,
+config values of the wrong type or range (the method's own checks), an adapter
+saved for another backbone, a corrupt or truncated safetensors file, tensors
+that are not floating point, not finite, or beyond the serving dtype's range,
+tensors whose names or shapes do not fit the method; any other failure while
+rebuilding it is refused the same way. The engine then runs one probe prompt
+through the new tenant and refuses it when the outputs are not finite (weights
+that would make every answer meaningless).
 
 The method is rebuilt on a *meta-device skeleton* of the serving backbone (same
 config, no weight memory), which both validates the saved tensors against the
@@ -108,10 +114,13 @@ def read_adapter(directory: str | Path, backbone: nn.Module) -> tuple[AdaptedMod
     """(method rebuilt on a skeleton with the weights checked, adapter_config, state); else TenantError."""
     directory = Path(directory)
     try:
-        meta = json.loads((directory / ADAPTER_CONFIG).read_text())
+        meta = json.loads((directory / ADAPTER_CONFIG).read_text(encoding="utf-8"))
         method, config, saved_for = meta["method"], meta["config"], meta["backbone"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise TenantError(f"{directory}: no readable {ADAPTER_CONFIG} ({type(e).__name__}: {e})") from e
+    if not isinstance(method, str) or not isinstance(config, dict) or not isinstance(saved_for, dict):
+        raise TenantError(f"{directory}: {ADAPTER_CONFIG} has method {method!r}, config {type(config).__name__}, "
+                          f"backbone {type(saved_for).__name__}; expected a string and two mappings")
     if method not in METHODS:
         raise TenantError(f"{directory}: method '{method}' is not registered; known: {sorted(METHODS)}")
     serving = backbone_fingerprint(backbone)
@@ -123,15 +132,28 @@ def read_adapter(directory: str | Path, backbone: nn.Module) -> tuple[AdaptedMod
     except Exception as e:                       # truncated / garbled header / missing file
         raise TenantError(f"{directory}: corrupt or unreadable {ADAPTER_WEIGHTS} "
                           f"({type(e).__name__}: {e})") from e
-    bad = [n for n, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise TenantError(f"{directory}: {ADAPTER_WEIGHTS} has non-finite values in {bad[:3]} (corrupt?)")
+    check_values(directory, state, next(backbone.parameters()).dtype)
     try:
         adapted = build_method(meta_skeleton(backbone.config), {"type": method, **config})
         adapted.load_trainable_state_dict(state)
-    except (ValueError, TypeError) as e:
+    except Exception as e:  # noqa: BLE001  (whatever the method raises on a bad config: this adapter is refused)
         raise TenantError(f"{directory}: adapter does not fit method '{method}': {e}") from e
     return adapted, meta, state
+
+
+def check_values(directory: Path, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Every tensor floating point, finite, and within the range of the serving dtype; else TenantError."""
+    odd = [f"{n} ({t.dtype})" for n, t in state.items() if not t.is_floating_point()]
+    if odd:
+        raise TenantError(f"{directory}: {ADAPTER_WEIGHTS} has tensors that are not floating point: {odd[:3]}")
+    bad = [n for n, t in state.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise TenantError(f"{directory}: {ADAPTER_WEIGHTS} has non-finite values in {bad[:3]} (corrupt?)")
+    limit = torch.finfo(dtype).max if dtype.is_floating_point else float("inf")
+    big = [n for n, t in state.items() if t.numel() and t.abs().max().item() > limit]
+    if big:
+        raise TenantError(f"{directory}: {ADAPTER_WEIGHTS} has values beyond the serving dtype {dtype} "
+                          f"(|x| > {limit:.3g}) in {big[:3]}")
 
 
 def per_layer(state: dict[str, torch.Tensor], suffix: str) -> dict[tuple[int, str], torch.Tensor]:
@@ -151,8 +173,8 @@ def _lora(name, directory, adapted, meta, state, **_) -> LoraTenant:
     A, B = per_layer(state, "lora_A.default.weight"), per_layer(state, "lora_B.default.weight")
     if not A or set(A) != set(B):
         raise TenantError(f"{directory}: LoRA tensors are not paired A/B per module")
-    cfg = meta["config"]
-    return LoraTenant(name, meta["method"], directory, rank=int(cfg["r"]), alpha=float(cfg["alpha"]),
+    cfg = adapted.config                         # checked, defaults filled in
+    return LoraTenant(name, meta["method"], directory, rank=int(cfg.r), alpha=float(cfg.alpha),
                       weights={k: (A[k], B[k]) for k in sorted(A)})
 
 
@@ -175,7 +197,7 @@ def _projected_ia3(name, directory, adapted, meta, state, **_) -> StaticScaleTen
 def _peft_ia3(name, directory, adapted, meta, state, **_) -> StaticScaleTenant:
     """peft's IA3: `ia3_l` scales a module's output, or its input for feed-forward modules."""
     paths = ROLE_PATHS[model_type(adapted.backbone)]
-    inputs = {paths[r] for r in meta["config"].get("feedforward", [])}
+    inputs = {paths[r] for r in adapted.config.feedforward}       # checked, defaults filled in
     scales = {(i, path, "in" if path in inputs else "out"): t.flatten()
               for (i, path), t in per_layer(state, "ia3_l.default").items()}
     if not scales:
@@ -217,7 +239,12 @@ def load_tenant(name: str, directory: str | Path, backbone: nn.Module, tokenizer
     if method not in LOADERS:
         raise TenantError(f"{directory}: method '{method}' has no serving kind; servable: "
                           f"{sorted(LOADERS)} and the prompt-aware methods")
-    tenant = LOADERS[method](name, directory, adapted, meta, state, backbone=backbone, tokenizer=tokenizer)
+    try:
+        tenant = LOADERS[method](name, directory, adapted, meta, state, backbone=backbone, tokenizer=tokenizer)
+    except TenantError:
+        raise
+    except Exception as e:  # noqa: BLE001  (a tenant's own failure is its refusal, never the engine's crash)
+        raise TenantError(f"{directory}: cannot serve this '{method}' adapter: {type(e).__name__}: {e}") from e
     if isinstance(tenant, StaticScaleTenant):
         tenant.scales = {k: v.to(device, dtype) for k, v in tenant.scales.items()}
     if isinstance(tenant, LoraTenant):

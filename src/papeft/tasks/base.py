@@ -5,6 +5,7 @@ All of it is task-agnostic; `superglue.PromptTask` builds the concrete tasks out
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import random
@@ -12,7 +13,9 @@ import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, NamedTuple, Sequence, TypeVar
+
+from papeft.config_checks import Check, at_least, make_config, one_of
 
 T = TypeVar("T")
 
@@ -43,11 +46,35 @@ class Splits:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass
+class TaskConfig:
+    """The keys of a configs/task/*.yaml every task reads; a task with more keys subclasses it
+    (`Task.config_cls`). Unknown keys, wrong types and values outside `CHECKS` are errors naming the key."""
+
+    name: str
+    split_protocol: str = "paper"            # paper | dev_only (which a task supports: its loader says)
+    split_seed: int = 1234                   # seed of every split shuffle; never the run seed
+    source: str = "local"                    # local: official files under the data root | hub
+    max_train_samples: int | None = None     # cap train after splitting; null = all
+    max_eval_samples: int | None = None      # cap dev and test each; null = all
+    max_new_tokens: int = 16                 # generation budget of a response
+
+    CHECKS: ClassVar[dict[str, Check]] = {
+        "name": Check("a non-empty string", lambda v: bool(v.strip())), "split_protocol": one_of("paper", "dev_only"),
+        "source": one_of("local", "hub"), "max_train_samples": at_least(1), "max_eval_samples": at_least(1),
+        "max_new_tokens": at_least(1)}
+
+
 class Task:
     """Base class of a task: a name, a metric, a loader and a scorer."""
 
     name: str = ""
     metric: str = "accuracy"
+    config_cls: type = TaskConfig
+
+    def parse_config(self, values: Mapping[str, Any]) -> TaskConfig:
+        """The task config (configs/task/*.yaml as a mapping), every key type- and range-checked."""
+        return make_config(self.config_cls, dict(values), where="task")
 
     def load(self, cfg: Any, data_root: str | None) -> Splits:
         """Return the train/dev/test splits described by the task config `cfg`."""
@@ -103,8 +130,13 @@ def get_task(name: str) -> Task:
 
 
 def cfg_value(cfg: Any, key: str, default: Any = None) -> Any:
-    """`cfg.get(key, default)` for a DictConfig, a dict or None; a null value gives `default`."""
-    value = None if cfg is None else cfg.get(key)
+    """`cfg.get(key, default)` for a TaskConfig, a DictConfig, a dict or None; a null value gives `default`."""
+    if cfg is None:
+        value = None
+    elif dataclasses.is_dataclass(cfg):
+        value = getattr(cfg, key, None)
+    else:
+        value = cfg.get(key)
     return default if value is None else value
 
 
@@ -141,30 +173,57 @@ def bad_row(where: str, problem: str, expected: str) -> DataError:
                      f"Fix or remove this row, or replace the file with the official one (see MANIFEST.md).")
 
 
+def text_lines(path: Path) -> Iterator[str]:
+    """The lines of a UTF-8 text file (a BOM is dropped); bytes that are not text (invalid UTF-8,
+    NUL) raise a DataError naming the file and line, as for any other bad row."""
+    with open(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                bad = raw[exc.start:exc.start + 8]
+                raise bad_row(f"{path}: line {line_no}", f"bytes that are not UTF-8 text ({bad!r} at byte "
+                              f"{exc.start + 1} of the line)", "a UTF-8 text file") from None
+            if "\x00" in line:
+                raise bad_row(f"{path}: line {line_no}", "a NUL byte (binary data)", "a UTF-8 text file")
+            yield line
+
+
+def read_text(path: Path) -> str:
+    """A whole UTF-8 text file (for JSON documents); bytes that are not text name their line."""
+    return "".join(text_lines(path))
+
+
+def no_rows(path: Path, expected: str) -> DataError:
+    return DataError(f"{path}: no rows (the file is empty or holds only a header or blank lines); expected "
+                     f"{expected}. Replace it with the official file (see MANIFEST.md).")
+
+
 def read_jsonl(path: Path) -> list[RawRow]:
     """Rows of a JSON-lines file; blank lines are skipped, anything else must be one JSON object."""
     rows: list[RawRow] = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise bad_row(f"{path}: line {line_no}", f"invalid JSON ({exc.msg})",
-                              "one JSON object per line") from None
-            if not isinstance(data, dict):
-                raise bad_row(f"{path}: line {line_no}", f"a JSON {type(data).__name__}",
-                              "one JSON object per line")
-            rows.append(RawRow(f"{path}: line {line_no}", len(rows), data))
+    for line_no, line in enumerate(text_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise bad_row(f"{path}: line {line_no}", f"invalid JSON ({exc.msg})",
+                          "one JSON object per line") from None
+        if not isinstance(data, dict):
+            raise bad_row(f"{path}: line {line_no}", f"a JSON {type(data).__name__}",
+                          "one JSON object per line")
+        rows.append(RawRow(f"{path}: line {line_no}", len(rows), data))
+    if not rows:
+        raise no_rows(path, "one JSON object per line")
     return rows
 
 
 def read_tsv(path: Path, columns: Sequence[str]) -> list[RawRow]:
     """Rows of a GLUE-style TSV with a header line; read with QUOTE_NONE, since `"` is data there."""
     rows: list[RawRow] = []
-    with open(path, encoding="utf-8", newline="") as fh:
-        reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+    reader = csv.reader(text_lines(path), delimiter="\t", quoting=csv.QUOTE_NONE)
+    try:
         header = next(reader, None)
         if header is None or not set(columns) <= set(header):
             raise bad_row(f"{path}: line 1", f"header {header!r}",
@@ -174,9 +233,25 @@ def read_tsv(path: Path, columns: Sequence[str]) -> list[RawRow]:
                 continue
             if len(cells) != len(header):
                 raise bad_row(f"{path}: line {reader.line_num}", f"{len(cells)} tab-separated cells",
-                               f"{len(header)} cells matching the header {header}")
+                              f"{len(header)} cells matching the header {header}")
             rows.append(RawRow(f"{path}: line {reader.line_num}", len(rows), dict(zip(header, cells))))
+    except csv.Error as exc:
+        raise bad_row(f"{path}: line {reader.line_num}", f"unreadable ({exc})", "tab-separated text") from None
+    if not rows:
+        raise no_rows(path, f"a header with columns {list(columns)}, then one row per example")
     return rows
+
+
+def require_examples(splits: Splits, task: str, sources: Sequence[Any]) -> Splits:
+    """`splits` when every split holds examples; else a DataError naming the split and the files
+    it came from, so a run stops at load time instead of after training."""
+    empty = [name for name in ("train", "dev", "test") if not getattr(splits, name)]
+    if empty:
+        raise DataError(f"task {task}: the {' and '.join(empty)} split{'s' if len(empty) > 1 else ''} would hold no "
+                        f"examples ({len(splits.train)} train / {len(splits.dev)} dev / {len(splits.test)} test) from "
+                        f"{', '.join(map(str, sources))}; the file is too small for the split protocol (or the caps): "
+                        f"use the full official file or task.split_protocol / task.max_*_samples that leave examples")
+    return splits
 
 
 # ---------------------------------------------------------------------------- split protocol
@@ -223,11 +298,11 @@ def cap(items: Sequence[T], limit: int | None, seed: int) -> list[T]:
 
 
 def check_limit(name: str, value: Any) -> int | None:
-    """Validate a max_*_samples config value: null or a non-negative integer."""
+    """Validate a max_*_samples config value: null or a positive integer (0 would leave a split empty)."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be null or a non-negative integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"task.{name}={value!r}: expected null or an integer >= 1")
     return value
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from .base import (DATA_ROOT_HINT, DataError, Example, RawRow, Splits, bad_row, cap, cfg_value, check_limit,
-                   read_jsonl, register_task, resolve_task_dir)
+                   no_rows, read_jsonl, register_task, require_examples, resolve_task_dir, text_lines)
 from .metrics import GSM8K_MARKER, corpus_bleu, final_number_accuracy, gold_final_number, rouge_l
 from .superglue import DEFAULT_SPLIT_SEED, SOURCES, PromptTask
 
@@ -42,8 +42,8 @@ def list_field(record: Mapping[str, Any], key: str, where: str, expected: str) -
 def read_csv_records(path: Path, columns: Sequence[str]) -> list[Record]:
     """Records of a CSV file (standard quoting: quoted fields may hold commas) with this header."""
     records: list[Record] = []
-    with open(path, encoding="utf-8", newline="") as fh:
-        reader = csv.reader(fh)
+    reader = csv.reader(text_lines(path))
+    try:
         header = next(reader, None)
         if header is None or [h.strip() for h in header] != list(columns):
             raise bad_row(f"{path}: line 1", f"header {header!r}", f"the CSV header {','.join(columns)}")
@@ -56,6 +56,10 @@ def read_csv_records(path: Path, columns: Sequence[str]) -> list[Record]:
                 raise bad_row(where, f"{len(cells)} comma-separated cells",
                               f"{len(columns)} cells {list(columns)}")
             records.append((where, dict(zip(columns, cells))))
+    except csv.Error as exc:
+        raise bad_row(f"{path}: line {reader.line_num}", f"unreadable ({exc})", "comma-separated text") from None
+    if not records:
+        raise no_rows(path, f"the CSV header {','.join(columns)}, then one row per example")
     return records
 
 
@@ -223,11 +227,14 @@ class E2ETask(FreeTextTask):
                              f"applies, got {protocol!r}")
         if source not in SOURCES:
             raise ValueError(f"task.source must be one of {SOURCES}, got {source!r}")
+        roles = ("train", "validation", "test")
         if source == "hub":
             loaded, where = self.load_hub()
-            train, dev, test = (self._hub_split(loaded, where, role) for role in ("train", "validation", "test"))
+            train, dev, test = (self._hub_split(loaded, where, role) for role in roles)
+            sources = [where]
         else:
-            train, dev, test = (self.read_local(data_root, role) for role in ("train", "validation", "test"))
+            train, dev, test = (self.read_local(data_root, role) for role in roles)
+            sources = [self.official_file(data_root, role) for role in roles]
         test = group_references(test)
         notes = []
         if max_train is not None and max_train < len(train):
@@ -236,7 +243,8 @@ class E2ETask(FreeTextTask):
         if max_eval is not None and max_eval < max(len(dev), len(test)):
             notes.append(f"max_eval_samples={max_eval}: dev ({len(dev)}) and test ({len(test)} MRs) each "
                          f"capped (first {max_eval} of a split_seed shuffle); test is not the full test set")
-        return Splits(cap(train, max_train, seed), cap(dev, max_eval, seed), cap(test, max_eval, seed), notes)
+        splits = Splits(cap(train, max_train, seed), cap(dev, max_eval, seed), cap(test, max_eval, seed), notes)
+        return require_examples(splits, self.name, sources)
 
 
 E2E = register_task(E2ETask(

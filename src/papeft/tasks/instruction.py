@@ -27,12 +27,14 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 from . import metrics
+from ..config_checks import Check, between, one_of
 from ..judge import Judge, judge_summary, make_judge, validate_judge_config
-from .base import (DATA_ROOT_HINT, DataError, Evaluation, Example, RawRow, Splits, Task, bad_row, cap, carve,
-                   cfg_value, check_limit, read_jsonl, register_task, resolve_task_dir)
+from .base import (DATA_ROOT_HINT, DataError, Evaluation, Example, RawRow, Splits, Task, TaskConfig, bad_row, cap,
+                   carve, cfg_value, check_limit, no_rows, read_jsonl, read_text, register_task, require_examples,
+                   resolve_task_dir)
 
 ALPACA_DIR, DEFAULT_TRAIN_FILE, ALPACA_HUB = "alpaca", "alpagasus_random_9k.json", "yahma/alpaca-cleaned"
 MT_BENCH_DIR, QUESTION_FILE, REFERENCE_FILE = "mt_bench", "question.jsonl", "reference_answer/gpt-4.jsonl"
@@ -42,6 +44,20 @@ SUBSET_NOTE = ("Alpaca training data = alpaca/alpagasus_random_9k.json: a random
                "52k Alpaca (AlpaGasus' random-9k set), NOT the cleaned 51k set (yahma/alpaca-cleaned) the paper "
                "used; results are not comparable to the paper's")
 _WS = re.compile(r"\s*")
+
+
+@dataclass
+class AlpacaMTBenchConfig(TaskConfig):
+    """configs/task/alpaca_mtbench.yaml: the shared task keys plus the training file, dev share and judge."""
+
+    train_file: str = DEFAULT_TRAIN_FILE     # file under data.root/alpaca/ with source=local
+    dev_fraction: float = 0.02               # share of the training items held out as dev
+    judge: dict | None = None                # the top-level judge config (configs/judge/*.yaml)
+
+    CHECKS: ClassVar[dict[str, Check]] = {
+        **TaskConfig.CHECKS, "split_protocol": one_of("paper"),
+        "train_file": Check("a non-empty file name", lambda v: bool(v.strip())),
+        "dev_fraction": between(0, 1, low_open=True, high_open=True)}
 
 
 @dataclass(frozen=True)
@@ -62,7 +78,7 @@ def alpaca_prompt(instruction: str, input_text: str = "") -> str:
 def read_json_list(path: Path) -> list[RawRow]:
     """Items of a JSON list file, each with the 1-based line where it starts (for error messages)."""
     expected = "a JSON list of objects, e.g. [{\"instruction\": ..., \"input\": ..., \"output\": ...}, ...]"
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     decoder, rows = json.JSONDecoder(), []
     i = _WS.match(text, 0).end()
     if not text.startswith("[", i):
@@ -82,6 +98,8 @@ def read_json_list(path: Path) -> list[RawRow]:
         elif not text.startswith("]", i):
             where = f"{path}: line {text.count(chr(10), 0, i) + 1}"
             raise bad_row(where, "neither ',' nor ']' after an item", expected)
+    if not rows:
+        raise no_rows(path, expected)
     return rows
 
 
@@ -165,6 +183,7 @@ class InstructionTask(Task):
 
     name = "alpaca_mtbench"
     metric = "judge_score"
+    config_cls = AlpacaMTBenchConfig
 
     def __init__(self) -> None:
         self.judge_cfg: dict | None = None
@@ -202,7 +221,11 @@ class InstructionTask(Task):
         if max_eval is not None and max_eval < max(len(dev), len(test)):
             notes.append(f"max_eval_samples={max_eval}: dev ({len(dev)}) and test ({len(test)}) each capped; "
                          f"test is not all of MT-Bench")
-        return Splits(cap(train, max_train, seed), cap(dev, max_eval, seed), cap(test, max_eval, seed), notes)
+        splits = Splits(cap(train, max_train, seed), cap(dev, max_eval, seed), cap(test, max_eval, seed), notes)
+        sources = [ALPACA_HUB if source == "hub" else resolve_task_dir(data_root, ALPACA_DIR) /
+                   str(cfg_value(cfg, "train_file", DEFAULT_TRAIN_FILE)), resolve_task_dir(data_root, MT_BENCH_DIR) /
+                   QUESTION_FILE]
+        return require_examples(splits, self.name, sources)
 
     def _alpaca_rows(self, cfg: Any, source: str, data_root: str | None) -> tuple[list[RawRow], list[str]]:
         if source == "hub":

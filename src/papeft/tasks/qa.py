@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .base import Example, bad_row, register_task
+from .base import Example, bad_row, read_text, register_task
 from .generation import FreeTextTask, Record, list_field, text_field
 from .metrics import squad_scores
 
@@ -47,12 +47,11 @@ class SquadTask(QATask):
 
     def read_records(self, path: Path) -> list[Record]:
         """The articles of the file; a JSON error is reported with its line and column."""
-        with open(path, encoding="utf-8") as fh:
-            try:
-                document = json.load(fh)
-            except json.JSONDecodeError as exc:
-                raise bad_row(f"{path}: line {exc.lineno} column {exc.colno}", f"invalid JSON ({exc.msg})",
-                              "the official SQuAD v1.1 JSON document") from None
+        try:
+            document = json.loads(read_text(path))
+        except json.JSONDecodeError as exc:
+            raise bad_row(f"{path}: line {exc.lineno} column {exc.colno}", f"invalid JSON ({exc.msg})",
+                          "the official SQuAD v1.1 JSON document") from None
         if not isinstance(document, dict):
             raise bad_row(f"{path}: line 1", f"a JSON {type(document).__name__}", 'an object {"data": [...]}')
         articles = list_field(document, "data", f"{path}: top level", "a non-empty list of articles")

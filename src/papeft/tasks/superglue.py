@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 from .base import (DATA_ROOT_HINT, DataError, Example, RawRow, Splits, Task, accuracy, bad_row, cap,
                    carve, cfg_value, check_limit, dev_only_split, halve, read_jsonl, read_tsv, register_task,
-                   resolve_task_dir)
+                   require_examples, resolve_task_dir)
 
 SPLIT_PROTOCOLS = ("paper", "dev_only")
 SOURCES = ("local", "hub")
@@ -57,17 +57,22 @@ class PromptTask(Task):
 
     def to_example(self, row: RawRow, split: str) -> Example:
         """Fill the template from one raw row; a malformed row raises DataError naming the row."""
-        expected = f"fields {list(self.fields)} and a label in {list(self.label_fields)}"
+        expected = f"text fields {list(self.fields)} (non-empty strings) and a label in {list(self.label_fields)}"
         missing = [f for f in self.fields if row.data.get(f) is None]
         label_field = next((f for f in self.label_fields if row.data.get(f) is not None), None)
         if missing or label_field is None:
             raise bad_row(row.where, f"missing {missing or list(self.label_fields)}", expected)
+        for f in self.fields:
+            value = row.data[f]
+            if not isinstance(value, str) or not value.strip():
+                shown = f"a JSON {type(value).__name__}" if not isinstance(value, str) else "an empty string"
+                raise bad_row(row.where, f"field {f!r} is {shown} ({str(value)[:40]!r})", expected)
         raw_label = row.data[label_field]
         response = self.label_words.get(_label_key(raw_label))
         if response is None:
             raise bad_row(row.where, f"unknown label {raw_label!r}",
                           f"one of {sorted(self.label_words)} in field {label_field!r}")
-        values = {f: str(row.data[f]).strip() for f in self.fields}
+        values = {f: row.data[f].strip() for f in self.fields}
         for field_name, mapping in self.value_maps.items():
             if values[field_name].lower() not in mapping:
                 raise bad_row(row.where, f"field {field_name!r} is {values[field_name]!r}",
@@ -152,7 +157,15 @@ class PromptTask(Task):
         if max_eval is not None and max_eval < max(len(dev), len(test)):
             notes.append(f"max_eval_samples={max_eval}: dev ({len(dev)}) and test ({len(test)}) each "
                          f"capped (first {max_eval} of a split_seed shuffle); test is not the full test set")
-        return Splits(cap(train, max_train, seed), cap(dev, max_eval, seed), cap(test, max_eval, seed), notes)
+        splits = Splits(cap(train, max_train, seed), cap(dev, max_eval, seed), cap(test, max_eval, seed), notes)
+        return require_examples(splits, self.name, self.sources(data_root, source, need_train))
+
+    def sources(self, data_root: str | None, source: str, need_train: bool) -> list[str]:
+        """Where the examples came from, for error messages."""
+        if source == "hub":
+            return ["the Hugging Face Hub (" + " or ".join(p for p, _ in self.hub_ids) + ")"]
+        roles = ("train", "validation") if need_train else ("validation",)
+        return [str(Path(str(data_root)) / self.task_dir / self.files[role]) for role in roles]
 
     def _local_train(self, data_root: str | None) -> list[Example]:
         path = resolve_task_dir(data_root, self.task_dir) / self.files["train"]

@@ -1,4 +1,4 @@
-"""WikiSQL (Zhong et al., 2017): question + table -> SQL, scored by execution accuracy.
+"""WikiSQL (Zhong et al., 2017): question + table -> SQL, scored by execution accuracy (and logical form).
 
 Official files: `{split}.jsonl` questions `{phase, table_id, question, sql: {sel, agg, conds}}`
 and `{split}.tables.jsonl` tables `{id, header, types, rows}`. Only the question files of dev and
@@ -15,10 +15,14 @@ Our readings (the papers are silent):
   reads as a number (thousands commas dropped) is written as a number, any other value as a
   quoted string;
 * table information = table name + column names + types, no rows;
-* execution accuracy: the predicted and gold SQL, each run in the sandbox (`sql_sandbox.py`) on
-  the example's table, return the same rows as multisets (numbers compared as floats). A
-  prediction that fails (hostile, invalid, too slow) scores 0; a gold query that fails also
-  scores 0 and is counted in `gold_errors`;
+* execution accuracy: the predicted and gold SQL, each run in the sandbox (`sql_sandbox.py`, in
+  a separate, killable worker process: `sql_worker.py`) on the example's table, return the same
+  rows as multisets (numbers compared as floats). A prediction that fails (hostile, not a single
+  SELECT, invalid, too slow, too big) scores 0; a gold query that fails also scores 0 and is
+  counted in `gold_errors`;
+* logical-form accuracy (reported beside it, `logical_form_accuracy`): the prediction's canonical
+  SQL (`sql_sandbox.canonical_sql`: sqlparse tokens, case, quoting and whitespace normalised,
+  numbers as numbers, the WHERE conditions as a set, like the official metric) equals the gold's;
 * a prediction in a ``` fence is read from inside the fence; nothing else is repaired;
 * `split_protocol: dev_only` (train.jsonl absent): train/dev are carved 80/20 from dev.jsonl and
   the official test.jsonl stays the test set.
@@ -28,11 +32,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
-from .base import (DATA_ROOT_HINT, DataError, Evaluation, Example, RawRow, Splits, Task, bad_row, cap,
-                   carve, cfg_value, check_limit, read_jsonl, register_task, resolve_task_dir)
+from ..config_checks import Check, above, at_least, one_of
+from .base import (DATA_ROOT_HINT, DataError, Evaluation, Example, RawRow, Splits, Task, TaskConfig, bad_row, cap,
+                   carve, cfg_value, check_limit, read_jsonl, register_task, require_examples, resolve_task_dir)
 from .sql_sandbox import SQL_TYPES, SandboxLimits, TableSandbox, quote_identifier, same_result
+from .sql_worker import SandboxWorker, TableSpec
 
 AGG_OPS = ("", "MAX", "MIN", "COUNT", "SUM", "AVG")
 COND_OPS = ("=", ">", "<", "OP")  # "OP" is WikiSQL's unused placeholder: refused
@@ -51,6 +57,27 @@ TABLES_HINT = ("get the official tables from the WikiSQL release (github.com/sal
                f"set task.tables=hub (or task.source=hub) to read them from the Hugging Face Hub ({HUB_ID})")
 
 
+@dataclass
+class WikiSQLConfig(TaskConfig):
+    """configs/task/wikisql.yaml: the shared task keys plus where tables come from and the sandbox limits."""
+
+    tables: str = "auto"                     # auto | local | hub (with source=local)
+    sql_timeout_s: float = 1.0               # wall clock of one query in the SQL sandbox
+    sql_max_rows: int = 10_000               # a query returning more rows fails
+
+    CHECKS: ClassVar[dict[str, Check]] = {**TaskConfig.CHECKS, "tables": one_of(*TABLE_SOURCES),
+                                          "sql_timeout_s": above(0.0), "sql_max_rows": at_least(1)}
+
+
+def is_cell(value: Any) -> bool:
+    """A table cell or condition value: text or a number (never a bool, list or object)."""
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
+def is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class Table:
     """One WikiSQL table: column names (made unique), types ("text" | "real") and rows."""
@@ -66,7 +93,11 @@ class Table:
         return f"table {TABLE_NAME}, columns: {cols}"
 
     def sandbox(self, limits: SandboxLimits | None = None) -> TableSandbox:
+        """The table in an in-process sandbox (evaluation uses `spec()` in a `SandboxWorker`)."""
         return TableSandbox(TABLE_NAME, self.columns, self.types, self.rows, limits)
+
+    def spec(self) -> TableSpec:
+        return TableSpec(self.id, TABLE_NAME, self.columns, self.types, self.rows)
 
 
 @dataclass(frozen=True)
@@ -147,12 +178,18 @@ def parse_table(data: Mapping[str, Any], where: str) -> Table:
     if not isinstance(data.get("id"), str) or not isinstance(header, list) or not isinstance(types, list) \
             or not isinstance(rows, list):
         raise bad_row(where, f"keys {sorted(data)}", expected)
+    if not all(isinstance(h, str) for h in header):
+        raise bad_row(where, f"field 'header' holds {[type(h).__name__ for h in header]}", expected)
     types = [str(t).lower() for t in types]
     if len(types) != len(header) or any(t not in SQL_TYPES for t in types):
         raise bad_row(where, f"types {types} for {len(header)} columns", expected)
     bad = next((i for i, r in enumerate(rows) if not isinstance(r, list) or len(r) != len(header)), None)
     if bad is not None:
         raise bad_row(where, f"row {bad} does not have {len(header)} cells", expected)
+    odd = next(((i, c) for i, r in enumerate(rows) for c in r if not is_cell(c)), None)
+    if odd is not None:
+        raise bad_row(where, f"field 'rows': row {odd[0]} holds a {type(odd[1]).__name__} cell {odd[1]!r}",
+                      "cells that are text or numbers")
     return Table(data["id"], unique_columns(header), tuple(types), tuple(tuple(r) for r in rows))
 
 
@@ -165,10 +202,10 @@ def parse_query(sql: Any, table: Table, where: str) -> Query:
     if isinstance(conds, Mapping):  # hub layout: {column_index: [...], operator_index: [...], condition: [...]}
         conds = list(zip(conds.get("column_index", []), conds.get("operator_index", []), conds.get("condition", [])))
     n = len(table.columns)
-    ok = (isinstance(sql.get("sel"), int) and 0 <= sql["sel"] < n and isinstance(sql.get("agg"), int)
+    ok = (is_index(sql.get("sel")) and 0 <= sql["sel"] < n and is_index(sql.get("agg"))
           and 0 <= sql["agg"] < len(AGG_OPS) and isinstance(conds, list)
-          and all(isinstance(c, (list, tuple)) and len(c) == 3 and isinstance(c[0], int) and 0 <= c[0] < n
-                  and isinstance(c[1], int) and 0 <= c[1] < 3 for c in conds))
+          and all(isinstance(c, (list, tuple)) and len(c) == 3 and is_index(c[0]) and 0 <= c[0] < n
+                  and is_index(c[1]) and 0 <= c[1] < 3 and is_cell(c[2]) for c in conds))
     if not ok:
         raise bad_row(where, f"sql {sql!r} (table {table.id} has {n} columns)", expected)
     return Query(sql["sel"], sql["agg"], tuple((c, o, v) for c, o, v in conds))
@@ -233,6 +270,7 @@ class WikiSQLTask(Task):
     name = "wikisql"
     metric = "execution_accuracy"
     task_dir = "wikisql"
+    config_cls = WikiSQLConfig
 
     def __init__(self) -> None:
         self.limits = SandboxLimits()
@@ -281,7 +319,9 @@ class WikiSQLTask(Task):
         if max_eval is not None and max_eval < max(len(dev), len(test)):
             notes.append(f"max_eval_samples={max_eval}: dev ({len(dev)}) and test ({len(test)}) each capped; "
                          f"test is not the full test set")
-        return Splits(cap(train, max_train, seed), cap(dev, max_eval, seed), cap(test, max_eval, seed), notes)
+        splits = Splits(cap(train, max_train, seed), cap(dev, max_eval, seed), cap(test, max_eval, seed), notes)
+        sources = [HUB_ID] if source == "hub" else [Path(str(data_root)) / self.task_dir / f"{r}.jsonl" for r in roles]
+        return require_examples(splits, self.name, sources)
 
     def _read_local(self, data_root: str | None, roles: Sequence[str], protocol: str, tables_from: str,
                     notes: list[str]) -> dict[str, list[WikiSQLExample]]:
@@ -336,23 +376,22 @@ class WikiSQLTask(Task):
     # ------------------------------------------------------------------ scoring
 
     def verdicts(self, predictions: Sequence[str], examples: Sequence[Example]) -> list[dict]:
-        """Per example: whether the prediction's result equals the gold result, and why not."""
+        """Per example: whether the prediction's result equals the gold result (`correct`), whether its
+        canonical SQL equals the gold's (`lf_match`), and why not."""
         if len(predictions) != len(examples):
             raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
-        sandboxes: dict[str, TableSandbox] = {}
+        specs: dict[str, TableSpec] = {}
         out = []
-        try:
+        with SandboxWorker(self.limits) as worker:
             for pred, ex in zip(predictions, examples):
                 if not isinstance(ex, WikiSQLExample):
                     raise TypeError(f"example {ex.uid} has no table; load it with WikiSQLTask.load")
-                box = sandboxes.get(ex.table.id) or sandboxes.setdefault(ex.table.id, ex.table.sandbox(self.limits))
-                gold, guess = box.run(ex.response), box.run(extract_sql(str(pred)))
+                spec = specs.get(ex.table.id) or specs.setdefault(ex.table.id, ex.table.spec())
+                gold, guess = worker.run(spec, ex.response), worker.run(spec, extract_sql(str(pred)))
                 out.append({"correct": bool(gold.ok and guess.ok and same_result(gold.rows, guess.rows)),
+                            "lf_match": gold.canonical is not None and guess.canonical == gold.canonical,
                             "error_kind": guess.error_kind, "error": guess.error,
                             "gold_error": gold.error})
-        finally:
-            for box in sandboxes.values():
-                box.close()
         return out
 
     def score(self, predictions: list[str], examples: list[Example]) -> float:
@@ -369,6 +408,7 @@ class WikiSQLTask(Task):
         n = max(len(examples), 1)
         metrics = {"failed_queries": float(sum(v["error_kind"] is not None for v in verdicts)),
                    "gold_errors": float(sum(v["gold_error"] is not None for v in verdicts)),
+                   "logical_form_accuracy": 100.0 * sum(v["lf_match"] for v in verdicts) / n,
                    "exact_sql_match": 100.0 * sum(extract_sql(p).strip() == e.response
                                                   for p, e in zip(preds, examples)) / n}
         return Evaluation(100.0 * sum(v["correct"] for v in verdicts) / n, metrics, rows)

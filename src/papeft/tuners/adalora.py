@@ -32,12 +32,14 @@ surviving ranks go to the modules that need them), the same as LoRA r=4 (9.99M).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from peft import AdaLoraConfig, get_peft_model
 from torch import nn
 
 from papeft.architectures import LINEAR_ROLES, lora_target_modules, model_type, resolve_targets
+from papeft.config_checks import above, at_least, between, role_names
 from papeft.tuners.base import AdaptedModel, register_method
 
 
@@ -54,6 +56,14 @@ class AdaLoraMethodConfig:
     alpha: float = 8.0
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(LINEAR_ROLES))
+
+    CHECKS: ClassVar[dict] = {
+        "init_r": at_least(1), "target_r": at_least(1), "beta1": between(0, 1, high_open=True),
+        "beta2": between(0, 1, high_open=True), "orth_reg_weight": at_least(0.0), "alpha": above(0.0),
+        "dropout": between(0, 1, high_open=True), "targets": role_names(LINEAR_ROLES)}
+
+    def __post_init__(self) -> None:
+        _check(self)          # across keys, when the config is read
 
 
 def _check(config: AdaLoraMethodConfig) -> None:
@@ -147,7 +157,6 @@ class AdaLoraModel(AdaptedModel):
 
 @register_method("adalora", AdaLoraMethodConfig)
 def apply_adalora(model: nn.Module, config: AdaLoraMethodConfig, name: str) -> AdaptedModel:
-    _check(config)
     roles = resolve_targets(model, list(config.targets))
     peft_config = AdaLoraConfig(
         init_r=config.init_r, target_r=config.target_r, beta1=config.beta1, beta2=config.beta2,

@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from papeft.architectures import ROLE_PATHS, decoder_layers, model_type
+from papeft.config_checks import at_least, between, one_of
 from papeft.tuners.base import AdaptedModel, register_method
 from papeft.tuners.vector_generator import ACTIVATIONS
 
@@ -44,6 +46,9 @@ class AdapterConfig:
     bottleneck: int = 18
     activation: str = "relu"
     drop_fraction: float = 0.0       # share of the lowest layers without adapters (AdapterDrop)
+
+    CHECKS: ClassVar[dict] = {"bottleneck": at_least(1), "activation": one_of(*ACTIVATIONS),
+                              "drop_fraction": between(0, 1, high_open=True)}
 
 
 class Bottleneck(nn.Module):

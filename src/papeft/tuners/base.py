@@ -2,7 +2,8 @@
 
 A method is one module that registers `(name, config dataclass, apply function)`
 and one YAML under configs/method/. `build_method` turns that YAML into the
-dataclass (unknown keys are an error naming the key) and applies it.
+dataclass (unknown keys, wrong types and values outside the class's `CHECKS`
+are errors naming the key; `method_config` does only that) and applies it.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from papeft.config_checks import make_config  # noqa: F401  (re-exported: the runner and tests use it from here)
 from papeft.io import atomic_path, write_json
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -151,13 +153,16 @@ def register_method(name: str, config_cls: type):
     return deco
 
 
-def make_config(config_cls: type, values: dict[str, Any], where: str = "method"):
-    known = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where} config for {config_cls.__name__}; "
-                         f"expected some of {sorted(known)}")
-    return config_cls(**values)
+def method_config(method_cfg: dict[str, Any]) -> tuple[MethodSpec, Any]:
+    """(the registered method, its config) of a configs/method/*.yaml entry, every key checked
+    (config_checks.make_config: unknown keys, types, the config class's CHECKS); loads nothing."""
+    values = dict(method_cfg)
+    values.pop("name", None)
+    kind = values.pop("type", None)
+    if not isinstance(kind, str) or kind not in METHODS:
+        raise ValueError(f"method.type={kind!r} is not registered; known methods: {sorted(METHODS)}")
+    spec = METHODS[kind]
+    return spec, make_config(spec.config_cls, values, where="method")
 
 
 def build_method(model: nn.Module, method_cfg: dict[str, Any]) -> AdaptedModel:
@@ -165,11 +170,5 @@ def build_method(model: nn.Module, method_cfg: dict[str, Any]) -> AdaptedModel:
 
     `type` is the registry key; `name` (optional) is the run's label, e.g. `parade_4` of type `parade`.
     """
-    values = dict(method_cfg)
-    values.pop("name", None)
-    kind = values.pop("type", None)
-    if kind not in METHODS:
-        raise ValueError(f"method.type='{kind}' is not registered; known methods: {sorted(METHODS)}")
-    spec = METHODS[kind]
-    config = make_config(spec.config_cls, values, where=f"method '{kind}'")
-    return spec.apply(freeze(model), config, kind)
+    spec, config = method_config(method_cfg)
+    return spec.apply(freeze(model), config, spec.name)

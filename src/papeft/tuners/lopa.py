@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from papeft.config_checks import at_least, between, one_of
 from papeft.tuners.base import register_method
 from papeft.tuners.prompt_learning import SoftPromptModel
 
@@ -51,16 +53,9 @@ class LopaConfig:
     encoder: str = "backbone"         # backbone | minilm
     init_std: float = 0.02            # heads' weights ~ N(0, init_std)
 
-
-def _check(config: LopaConfig) -> None:
-    for key in ("num_virtual_tokens", "rank", "hidden"):
-        value = getattr(config, key)
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"method.{key}={value!r}: expected an integer >= 1")
-    if not 0.0 <= config.dropout < 1.0:
-        raise ValueError(f"method.dropout={config.dropout}: expected a probability in [0, 1)")
-    if config.encoder not in ENCODERS:
-        raise ValueError(f"method.encoder='{config.encoder}' is not one of {ENCODERS}")
+    CHECKS: ClassVar[dict] = {"num_virtual_tokens": at_least(1), "rank": at_least(1), "hidden": at_least(1),
+                              "dropout": between(0, 1, high_open=True), "encoder": one_of(*ENCODERS),
+                              "init_std": at_least(0.0)}
 
 
 class MiniLMEncoder:
@@ -165,5 +160,4 @@ class LopaModel(SoftPromptModel):
 
 @register_method("lopa", LopaConfig)
 def apply_lopa(model: nn.Module, config: LopaConfig, name: str) -> LopaModel:
-    _check(config)
     return LopaModel(model, config, name)

@@ -7,11 +7,13 @@ defaults (alpha 8, dropout 0.0): our reading.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from papeft.architectures import LINEAR_ROLES, lora_target_modules, model_type, resolve_targets
+from papeft.config_checks import above, at_least, between, role_names
 from papeft.tuners.base import AdaptedModel, register_method
 
 
@@ -21,6 +23,9 @@ class LoraMethodConfig:
     alpha: float = 8.0
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(LINEAR_ROLES))
+
+    CHECKS: ClassVar[dict] = {"r": at_least(1), "alpha": above(0.0), "dropout": between(0, 1, high_open=True),
+                              "targets": role_names(LINEAR_ROLES)}
 
 
 @register_method("lora", LoraMethodConfig)

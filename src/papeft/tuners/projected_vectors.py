@@ -30,12 +30,14 @@ Our reading where the paper is silent:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from papeft.architectures import (RoleSite, decoder_layers, full_width, hook_features, resolve_targets, role_sites,
-                                  sites_by_module)
+from papeft.architectures import (LINEAR_ROLES, RoleSite, decoder_layers, full_width, hook_features, resolve_targets,
+                                  role_sites, sites_by_module)
+from papeft.config_checks import at_least, role_names
 from papeft.tuners.base import AdaptedModel, register_method
 
 OPERATIONS = {"ia3": "scale", "bitfit": "add"}   # registry key -> how delta acts on the output
@@ -46,6 +48,8 @@ class ProjectedVectorConfig:
     r: int = 16                                  # r': the learned vector's dimension
     targets: list[str] = field(default_factory=lambda: ["q", "k", "up"])
     vector_init_std: float = 0.02
+
+    CHECKS: ClassVar[dict] = {"r": at_least(1), "targets": role_names(LINEAR_ROLES), "vector_init_std": at_least(0.0)}
 
 
 class ProjectedVector(nn.Module):

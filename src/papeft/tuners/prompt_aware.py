@@ -20,14 +20,16 @@ prefill, so every beam of a prompt carries its prompt's vectors.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from papeft.architectures import (LINEAR_ROLES, ROLE_PATHS, decoder_layers, full_width, hook_features, model_type,
                                   role_sites, sites_by_module)
+from papeft.config_checks import at_least, one_of, role_names
 from papeft.tuners.base import AdaptedModel, register_method
-from papeft.tuners.vector_generator import VectorGenerator, make_activation, make_pooler
+from papeft.tuners.vector_generator import ACTIVATIONS, POOLERS, VectorGenerator, make_activation, make_pooler
 
 
 @dataclass
@@ -38,6 +40,9 @@ class PromptAwareConfig:
     activation: str = "gelu"                     # gelu | relu | tanh | identity | rational
     targets: list[str] = field(default_factory=lambda: ["q", "v", "up"])
     skip_absent_targets: bool = False            # drop targets the architecture lacks (GPT-2 has no gate)
+
+    CHECKS: ClassVar[dict] = {"r": at_least(1), "num_capsules": at_least(1), "pooler": one_of(*POOLERS),
+                              "activation": one_of(*ACTIVATIONS), "targets": role_names(LINEAR_ROLES)}
 
 
 def _rows(mask: torch.Tensor, batch: int, length: int) -> torch.Tensor:

@@ -55,6 +55,9 @@ class PromptLearningConfig:
     projection_dim: int | None = None        # p_tuning / prefix_tuning: store tokens in k dims, lift with a Linear
     init: str = "sample_vocab"               # prompt_tuning only: sample_vocab | random
 
+    def __post_init__(self) -> None:
+        _check(self)                         # when the config is read, before any model is loaded
+
 
 class ProjectedPrompt(nn.Module):
     """m virtual tokens stored in k dimensions and lifted by one learnable Linear (PARADE App. E).
@@ -182,7 +185,6 @@ class PrefixModel(AdaptedModel):
 
 @register_method("prompt_learning", PromptLearningConfig)
 def apply_prompt_learning(model: nn.Module, config: PromptLearningConfig, name: str) -> AdaptedModel:
-    _check(config)
     peft_model = get_peft_model(model, _peft_config(config))
     pc = peft_model.active_peft_config          # peft filled in token_dim, num_layers (and KV heads for GQA)
     if config.projection_dim is not None:
