@@ -77,6 +77,7 @@ def test_wikisql_execution_accuracy(tmp_path):
     run, scores = run_and_score("wikisql", examples, predictions)
     assert_same(run, scores, "execution_accuracy")
     assert scores["execution_accuracy"] == 50.0                 # gold, fenced gold; wrong, hostile
+    assert scores["logical_form_accuracy"] == run.metrics["logical_form_accuracy"] == 50.0
     inputs = compute_inputs("wikisql", run.rows, examples)
     assert inputs["tables"][0].startswith('{"id": "') and inputs["references"][0] == examples[0].response
 

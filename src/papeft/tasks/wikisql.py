@@ -400,18 +400,27 @@ class WikiSQLTask(Task):
             raise ValueError("no examples to score")
         return 100.0 * sum(v["correct"] for v in self.verdicts(predictions, examples)) / len(examples)
 
+    def extra_metrics(self, predictions: list[str], examples: list[Example]) -> dict[str, float]:
+        """Logical-form accuracy, exact SQL match and the failure counts, beside execution accuracy."""
+        return self._metrics(predictions, examples, self.verdicts(predictions, examples))
+
+    @staticmethod
+    def _metrics(preds: list[str], examples: list[Example], verdicts: list[dict]) -> dict[str, float]:
+        n = max(len(examples), 1)
+        return {"failed_queries": float(sum(v["error_kind"] is not None for v in verdicts)),
+                "gold_errors": float(sum(v["gold_error"] is not None for v in verdicts)),
+                "logical_form_accuracy": 100.0 * sum(v["lf_match"] for v in verdicts) / n,
+                "exact_sql_match": 100.0 * sum(extract_sql(p).strip() == e.response
+                                               for p, e in zip(preds, examples)) / n}
+
     def evaluate(self, generate: Callable[[list], list[str]], examples: list[Example]) -> Evaluation:
         preds = generate([e.prompt for e in examples])
         verdicts = self.verdicts(preds, examples)
         rows = [{"uid": e.uid, "prediction": p, "answers": list(e.answers), **v}
                 for e, p, v in zip(examples, preds, verdicts)]
         n = max(len(examples), 1)
-        metrics = {"failed_queries": float(sum(v["error_kind"] is not None for v in verdicts)),
-                   "gold_errors": float(sum(v["gold_error"] is not None for v in verdicts)),
-                   "logical_form_accuracy": 100.0 * sum(v["lf_match"] for v in verdicts) / n,
-                   "exact_sql_match": 100.0 * sum(extract_sql(p).strip() == e.response
-                                                  for p, e in zip(preds, examples)) / n}
-        return Evaluation(100.0 * sum(v["correct"] for v in verdicts) / n, metrics, rows)
+        return Evaluation(100.0 * sum(v["correct"] for v in verdicts) / n,
+                          self._metrics(preds, examples, verdicts), rows)
 
 
 WIKISQL = register_task(WikiSQLTask())

@@ -66,9 +66,8 @@ def examples_for(task_name: str, references: Sequence[str | Sequence[str]],
 
 def task_scores(task_name: str, predictions: Sequence[str], references: Sequence[str | Sequence[str]],
                 tables: Sequence[str | Mapping] | None = None) -> dict[str, float]:
-    """{main metric: task.score, **task.extra_metrics} of `predictions`, as a run reports them.
-
-    WikiSQL's logical-form accuracy joins the result here once `WikiSQLTask.extra_metrics` returns it."""
+    """{main metric: task.score, **task.extra_metrics} of `predictions`, as a run reports them
+    (WikiSQL: execution accuracy, logical-form accuracy, exact SQL match, failure counts)."""
     task = get_task(task_name)
     examples = examples_for(task.name, references, tables)
     predictions = [str(p) for p in predictions]
