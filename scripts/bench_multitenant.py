@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import shlex
 import statistics
 import sys
@@ -43,9 +42,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from papeft.backbones import DTYPES, architecture_config, backbone_config, load_backbone, load_tokenizer
 from papeft.io import write_json, write_text
 from papeft.prompting import PromptFormatter
-from papeft.provenance import cpu_model
 from papeft.serving import MultiTenantEngine, Request
-from papeft.serving.bench_tables import TARGETS_AT, check_targets, notes, spread_pct, write_tables
+from papeft.serving.bench_tables import TARGETS_AT, check_targets, machine, notes, spread_pct, write_tables
 from papeft.serving.memory import PeakMemory, TensorPeak, sync
 from papeft.serving.tenants import meta_skeleton
 from papeft.tuners import build_method
@@ -296,15 +294,6 @@ def parse_args(argv):
     for key in ("batch_sizes", "tenants", "beams"):
         setattr(args, key, [int(x) for x in getattr(args, key).split(",")])
     return args
-
-
-def machine(device: str) -> str:
-    """CPU model and thread count, or the GPU; torch version."""
-    if device.startswith("cuda"):
-        where = torch.cuda.get_device_name(torch.device(device))
-    else:
-        where = f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-    return f"{where}, torch {torch.__version__}"
 
 
 def rerender(path: Path) -> int:

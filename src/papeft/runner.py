@@ -258,8 +258,8 @@ def _train_and_test(cfg: DictConfig, seed: int, out: Path, chash: str, parallel:
         "best_dev_loss": fit["best_dev_loss"], "dev_history": fit["history"],
         "n_train": len(splits.train), "n_dev": len(splits.dev), "n_test": len(splits.test),
         "split_protocol": cfg.task.split_protocol, "notes": list(splits.notes),
-        "num_beams": tcfg.num_beams, **parallel.describe(), "environment": environment(parallel.device),
-        "status": "complete",
+        "num_beams": tcfg.num_beams, "precision": fit["precision"], **parallel.describe(),
+        "environment": environment(parallel.device), "status": "complete",
     }
     if parallel.is_main:
         write_jsonl(out / "predictions.jsonl", result.rows)

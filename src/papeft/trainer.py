@@ -4,9 +4,12 @@ AdamW, linear decay with 6% warm-up, at most `max_epochs` epochs (or
 `max_steps`), dev loss every `eval_every` optimizer steps, early stopping after
 `patience` evaluations without a lower dev loss, and the best dev checkpoint of
 the trainable weights predicts the test set by generation (beam 3 by default).
-The loss covers response tokens only. `batch_size: auto` is the paper's rule:
-16 when the training set has under 10k examples, else 128; micro-batches with
-gradient accumulation keep memory bounded.
+The loss covers response tokens only, and the LM head runs only at the positions
+it reads (papeft.loss). `batch_size: auto` is the paper's rule: 16 when the
+training set has under 10k examples, else 128; micro-batches with gradient
+accumulation keep memory bounded, cut from the step's examples sorted by length.
+`precision` (papeft.precision) sets the autocast dtype of training, dev loss and
+generation; `auto` picks it per device.
 
 Resuming (papeft.checkpoint): with a `Checkpointer`, the full training state is saved every
 `checkpoint_every` steps, when training ends, and on a pre-emption signal; `fit` starts from it
@@ -30,6 +33,8 @@ from papeft.checkpoint import (CheckpointError, Checkpointer, NonFiniteLossError
                                load_optimizer_state, optimizer_state, prefixed, rng_state, set_rng_state, unprefixed)
 from papeft.config_checks import Check, above, at_least, between, one_of
 from papeft.distributed import Parallel
+from papeft.loss import response_token_loss
+from papeft.precision import Precision
 from papeft.prompting import Encoded, collate_prompts, collate_train
 from papeft.tuners.base import AdaptedModel
 
@@ -43,6 +48,7 @@ class TrainerConfig:
     max_steps: int | None = None         # overrides max_epochs when set
     batch_size: int | str = "auto"       # auto: 16 if train < 10k else 128
     micro_batch_size: int = 16
+    sort_micro_batches: bool = True      # cut a step's micro-batches from its examples sorted by length
     eval_batch_size: int = 16
     max_length: int = 2048
     eval_every: int = 200
@@ -51,6 +57,7 @@ class TrainerConfig:
     num_beams: int = 3
     max_new_tokens: int | None = None    # caps every task's generation budget (trainer=smoke)
     device: str = "auto"
+    precision: str = "auto"              # auto | fp32 | bf16 | fp16 (papeft.precision: auto picks per device)
     progress: bool = True
     checkpoint_every: int = 0            # steps between resumable checkpoints; 0: only at the end and on pre-emption
     distributed: str = "none"            # none | accelerate (under `accelerate launch` / `torchrun`)
@@ -104,6 +111,11 @@ def _chunks(items: list, size: int):
         yield items[i:i + size]
 
 
+def by_length(examples: list[Encoded]) -> list[Encoded]:
+    """Shortest first: batches cut from this order carry less padding (a loss sum does not depend on it)."""
+    return sorted(examples, key=lambda e: len(e.prompt) + len(e.response))
+
+
 class OuterStepper:
     """Bi-level optimisation (our reading of PEDRO, first-order DARTS): one outer step per call on
     the next batch of D_val, a fixed slice of train (`val_fraction`, not the run seed)."""
@@ -120,19 +132,22 @@ class OuterStepper:
         batch = [self.d_val[(self.pos + i) % len(self.d_val)] for i in range(min(self.batch_size, len(self.d_val)))]
         self.pos = (self.pos + len(batch)) % len(self.d_val)
         self.trainer._accumulate(batch, self.micro)
+        self.trainer.precision.unscale(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.params, self.trainer.cfg.max_grad_norm)
-        self.optimizer.step()
+        self.trainer.precision.step(self.optimizer)
         model.zero_grad(set_to_none=True)    # the outer batch never updates inner weights
 
 
 class Trainer:
     def __init__(self, model: AdaptedModel, cfg: TrainerConfig, pad_id: int, eos_id: int, seed: int,
                  checkpointer: Checkpointer | None = None, on_eval: Callable[[dict], None] | None = None,
-                 parallel: Parallel | None = None):
+                 parallel: Parallel | None = None, token_loss=response_token_loss):
         self.model, self.cfg, self.pad_id, self.eos_id, self.seed = model, cfg, pad_id, eos_id, seed
-        self.checkpointer, self.on_eval = checkpointer, on_eval
+        self.checkpointer, self.on_eval, self.token_loss = checkpointer, on_eval, token_loss
         self.parallel = parallel or Parallel(cfg.distributed, cfg.device)
         self.device = self.parallel.device
+        self.precision = Precision(cfg.precision, self.device)
+        self.precision.store_frozen(self.model)
         self.model.to(self.device)
         self.train_model = self.parallel.wrap(self.model)     # the model itself on one process
         self._best: dict[str, torch.Tensor] | None = None
@@ -202,17 +217,18 @@ class Trainer:
                 "best_step": st.best_step, "best_dev_loss": st.best_dev_loss if self._best is not None else None,
                 "train_time_s": train_time, "train_tokens": st.tokens,
                 "train_tokens_per_s": st.tokens / max(train_time, 1e-9), "history": st.history,
-                "resumed_from_step": resumed_from}
+                "resumed_from_step": resumed_from, "precision": self.precision.name}
 
     def _step(self, examples: list[Encoded], micro: int, params: list, st: TrainState, parts: dict) -> float:
         """One optimizer step (plus the outer step of a bi-level method); refuses NaN/inf."""
         loss_sum, n_tok = self._accumulate(examples, micro, regularize=True)
         if not math.isfinite(loss_sum):
             raise NonFiniteLossError(self._nonfinite("training loss", loss_sum, st.step + 1))
+        self.precision.unscale(parts["opt"])
         norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
-        if not math.isfinite(norm):
+        if not math.isfinite(norm) and not self.precision.skips_overflow:    # fp16: the scaler skips the step
             raise NonFiniteLossError(self._nonfinite("gradient norm", norm, st.step + 1) + f" (loss {loss_sum:.4g})")
-        parts["opt"].step()
+        self.precision.step(parts["opt"])
         parts["sched"].step()
         st.step += 1
         self.model.on_step_end(st.step)
@@ -256,7 +272,8 @@ class Trainer:
         opt_t, opt_meta = optimizer_state(parts["opt"])
         rng_t, rng_meta = rng_state(parts["gen"])
         tensors.update(prefixed("optim", opt_t), **prefixed("rng", rng_t))
-        state = {"train": asdict(st), "optimizer": opt_meta, "scheduler": parts["sched"].state_dict(), "rng": rng_meta}
+        state = {"train": asdict(st), "optimizer": opt_meta, "scheduler": parts["sched"].state_dict(), "rng": rng_meta,
+                 "grad_scaler": self.precision.state_dict()}
         if parts["outer"] is not None:
             outer_t, outer_meta = optimizer_state(parts["outer"].optimizer)
             tensors.update(prefixed("outer_optim", outer_t))
@@ -277,6 +294,7 @@ class Trainer:
         load_optimizer_state(parts["opt"], unprefixed("optim", tensors), state["optimizer"])
         parts["sched"].load_state_dict(state["scheduler"])
         set_rng_state(unprefixed("rng", tensors), state["rng"], parts["gen"])
+        self.precision.load_state_dict(state.get("grad_scaler", {}))
         if parts["outer"] is not None:
             load_optimizer_state(parts["outer"].optimizer, unprefixed("outer_optim", tensors), state["outer_optimizer"])
             parts["outer"].pos = state["outer_pos"]
@@ -305,17 +323,20 @@ class Trainer:
         n_resp = sum(len(e.response) for e in examples)
         world = self.parallel.world
         mine = self.parallel.shard(examples)
+        if self.cfg.sort_micro_batches:                             # the same examples, less padding
+            mine = by_length(mine)
         chunks = list(_chunks(mine, micro)) or [examples[:1]]      # an idle process still joins the all-reduce
         weight = 1.0 if mine else 0.0
         loss_sum, n_tok = 0.0, 0
         for i, chunk in enumerate(chunks):
             with self.parallel.no_sync(self.train_model, sync=i == len(chunks) - 1):
                 batch = _to(collate_train(chunk, self.pad_id), self.device)
-                loss = self._token_loss(batch, self.train_model).sum() / n_resp
+                with self.precision.autocast():
+                    loss = self._token_loss(batch, self.train_model).sum() / n_resp
                 if world > 1:
                     loss = loss * (world * weight)
                 extra = self.model.step_regularizer() if regularize and i == 0 else None
-                (loss if extra is None else loss + extra).backward()
+                self.precision.backward(loss if extra is None else loss + extra)
             loss_sum += loss.item() / world
             n_tok += int(batch["attention_mask"].sum()) if mine else 0
         if world > 1:
@@ -323,21 +344,18 @@ class Trainer:
         return loss_sum, int(n_tok)
 
     def _token_loss(self, batch: dict, model=None) -> torch.Tensor:
-        """Per-token cross-entropy on response positions (B, T-1), zero elsewhere."""
-        labels = batch.pop("labels")
-        logits = (self.model if model is None else model)(**batch).logits[:, :-1].float()          # (B, T-1, V)
-        target = labels[:, 1:]
-        return torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+        """Cross-entropy of each response token (N,), run through `model` (default: self.model)."""
+        return self.token_loss(self.model, batch, model)
 
     @torch.no_grad()
     def dev_loss(self, dev: list[Encoded]) -> float:
         self.model.eval()
         total, count = 0.0, 0
-        for chunk in _chunks(self.parallel.shard(dev), self.cfg.eval_batch_size):
+        for chunk in _chunks(by_length(self.parallel.shard(dev)), self.cfg.eval_batch_size):
             batch = _to(collate_train(chunk, self.pad_id), self.device)
             n = int((batch["labels"][:, 1:] != -100).sum())
-            total += float(self._token_loss(batch).sum())
+            with self.precision.autocast():
+                total += float(self._token_loss(batch).sum())
             count += n
         total, count = self.parallel.sum(total, count)
         return total / max(count, 1)
@@ -353,9 +371,10 @@ class Trainer:
         bar = tqdm(total=len(mine), desc="predict", disable=not self.cfg.progress or not self.parallel.is_main)
         for idx in _chunks(mine, self.cfg.eval_batch_size):
             batch = _to(collate_prompts([prompts[i] for i in idx], self.pad_id), self.device)
-            gen = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                      num_beams=self.cfg.num_beams, eos_token_id=self.eos_id,
-                                      pad_token_id=self.pad_id)
+            with self.precision.autocast():
+                gen = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                          num_beams=self.cfg.num_beams, eos_token_id=self.eos_id,
+                                          pad_token_id=self.pad_id)
             new = gen[:, batch["input_ids"].shape[1]:]
             done += [(i, tokenizer.decode(row, skip_special_tokens=True).strip()) for i, row in zip(idx, new)]
             bar.update(len(idx))

@@ -1,10 +1,15 @@
-"""Tables and target checks of scripts/bench_multitenant.py (Markdown, CSV, LaTeX from one list of rows)."""
+"""Tables and target checks of scripts/bench_multitenant.py (Markdown, CSV, LaTeX from one list of rows);
+the table writer and the machine description serve scripts/bench_train.py too."""
 from __future__ import annotations
 
+import os
 import statistics
 from pathlib import Path
 
+import torch
+
 from papeft.io import write_text
+from papeft.provenance import cpu_model
 from papeft.paper_numbers import SPEED_TABLE4
 from papeft.report_format import tex_escape
 
@@ -15,27 +20,37 @@ COLUMNS = ["batch", "tenants", "beams", "method", "prefill_ms", "prefill_x_bare"
 
 
 def fmt(column: str, v, nan: str = "–") -> str:
-    """Ratios with 3 decimals, other floats with 1; NaN (not measured) as `nan`."""
-    if isinstance(v, (str, int)):
-        return str(v)
-    return nan if v != v else f"{v:.3f}" if column.endswith("_x_bare") else f"{v:.1f}"
+    """Ratios (`*_x_*` columns) with 3 decimals, other floats with 1; NaN (not measured) as `nan`."""
+    if isinstance(v, (str, int)) or v is None:
+        return nan if v is None else str(v)
+    return nan if v != v else f"{v:.3f}" if "_x_" in column else f"{v:.1f}"
 
 
 def spread_pct(values: list[float]) -> float:
     return 100 * (max(values) - min(values)) / statistics.median(values)
 
 
-def write_tables(rows: list[dict], stem: Path, header: str) -> None:
-    cells = [[fmt(c, r[c]) for c in COLUMNS] for r in rows]
-    md = [header, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+def write_tables(rows: list[dict], stem: Path, header: str, columns: list[str] = COLUMNS) -> None:
+    cells = [[fmt(c, r[c]) for c in columns] for r in rows]
+    md = [header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     md += ["| " + " | ".join(c) + " |" for c in cells]
     write_text(stem.with_suffix(".md"), "\n".join(md) + "\n")
-    write_text(stem.with_suffix(".csv"), "\n".join([",".join(COLUMNS)] + [",".join(str(r[c]) for c in COLUMNS)
+    write_text(stem.with_suffix(".csv"), "\n".join([",".join(columns)] + [",".join(str(r[c]) for c in columns)
                                                                            for r in rows]) + "\n")
-    tex = ["% " + header.replace("\n", "\n% "), "\\begin{tabular}{" + "r" * 3 + "l" + "r" * (len(COLUMNS) - 4) + "}",
-           "\\toprule", " & ".join(map(tex_escape, COLUMNS)) + " \\\\", "\\midrule"]
-    tex += [" & ".join(tex_escape(fmt(k, r[k], "--")) for k in COLUMNS) + " \\\\" for r in rows]
+    align = "".join("l" if isinstance(rows[0][c], str) else "r" for c in columns) if rows else "l" * len(columns)
+    tex = ["% " + header.replace("\n", "\n% "), "\\begin{tabular}{" + align + "}",
+           "\\toprule", " & ".join(map(tex_escape, columns)) + " \\\\", "\\midrule"]
+    tex += [" & ".join(tex_escape(fmt(k, r[k], "--")) for k in columns) + " \\\\" for r in rows]
     write_text(stem.with_suffix(".tex"), "\n".join(tex + ["\\bottomrule", "\\end{tabular}"]) + "\n")
+
+
+def machine(device: str) -> str:
+    """CPU model and thread count, or the GPU; torch version."""
+    if device.startswith("cuda"):
+        where = torch.cuda.get_device_name(torch.device(device))
+    else:
+        where = f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return f"{where}, torch {torch.__version__}"
 
 
 def check_targets(rows: list[dict]) -> list[str]:

@@ -7,6 +7,7 @@ are errors naming the key; `method_config` does only that) and applies it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -39,11 +40,40 @@ class AdaptedModel(nn.Module):
         self.model = model
         self.method = method
         self.config = config
+        self.logit_positions: torch.Tensor | None = None    # set inside `logits_only_at`
 
     @property
     def backbone(self) -> nn.Module:
         m = self.model
         return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+    @contextlib.contextmanager
+    def logits_only_at(self, positions: torch.Tensor):
+        """Inside this block a forward runs the LM head only where `positions` (B, T) of the input is
+        True and returns logits (N, V), one row per True position in row-major order.
+
+        One mechanism for every method: a pre-hook on the backbone's output embedding picks the N
+        hidden states out of (B, T', d). Virtual positions a method puts *before* the input (the
+        soft prompts of prompt tuning, P-tuning and LoPA; T' = m + T) are never picked: the mask is
+        aligned to the end of the hidden sequence. A method that reshapes logits after the backbone
+        reads `self.logit_positions` (None outside this block).
+        """
+        def pick(module, args):
+            h = args[0]                                                       # (B, T', d)
+            extra = h.shape[1] - positions.shape[1]
+            if h.dim() != 3 or h.shape[0] != positions.shape[0] or extra < 0:
+                raise RuntimeError(f"logits_only_at: positions {tuple(positions.shape)} do not fit the "
+                                   f"LM head's input {tuple(h.shape)}")
+            keep = torch.nn.functional.pad(positions, (extra, 0)).to(h.device).flatten()
+            return (h.flatten(0, 1).index_select(0, keep.nonzero().squeeze(1)),)   # (N, d)
+
+        handle = self.backbone.get_output_embeddings().register_forward_pre_hook(pick)
+        self.logit_positions = positions
+        try:
+            yield
+        finally:
+            handle.remove()
+            self.logit_positions = None
 
     def forward(self, input_ids, attention_mask=None, labels=None, prompt_mask=None, **kw):
         """`prompt_mask` (B, T) marks prompt tokens; methods that do not read the prompt ignore it."""

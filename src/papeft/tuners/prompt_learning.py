@@ -109,7 +109,7 @@ class SoftPromptModel(AdaptedModel):
     """Methods that prepend m virtual token embeddings to the input: X = [Z; E(x)].
 
     Subclasses define `soft_prompt` (B, m, d). `forward` drops the m virtual positions
-    from the logits; `generate` prepends Z once and returns input_ids + new tokens.
+    from the logits (inside `logits_only_at` the LM head never sees them); `generate` prepends Z once and returns input_ids + new tokens.
     """
 
     def soft_prompt(self, input_ids, attention_mask, prompt_mask) -> torch.Tensor:
@@ -129,7 +129,8 @@ class SoftPromptModel(AdaptedModel):
             labels = torch.cat([labels.new_full((labels.shape[0], m), -100), labels], dim=1)
         kw.pop("position_ids", None)     # positions count the virtual tokens; let the backbone number them
         out = self.backbone(inputs_embeds=embeds, attention_mask=mask, labels=labels, **kw)
-        out.logits = out.logits[:, m:]                                           # (B, T, V)
+        if self.logit_positions is None:                                         # else (N, V) already
+            out.logits = out.logits[:, m:]                                       # (B, T, V)
         return out
 
     @torch.no_grad()
