@@ -40,10 +40,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from papeft.backbones import DTYPES, architecture_config, backbone_config, load_backbone, load_tokenizer
-from papeft.io import write_json, write_text
 from papeft.prompting import PromptFormatter
 from papeft.serving import MultiTenantEngine, Request
-from papeft.serving.bench_tables import TARGETS_AT, check_targets, machine, notes, spread_pct, write_tables
+from papeft.serving.bench_tables import TARGETS_AT, check_targets, machine, notes, save_run, spread_pct, write_tables
 from papeft.serving.memory import PeakMemory, TensorPeak, sync
 from papeft.serving.tenants import meta_skeleton
 from papeft.tuners import build_method
@@ -324,13 +323,11 @@ def main(argv=None) -> int:
               f"median of {args.repeats} interleaved runs.\nMade by `{command}` on {machine(args.device)}.\n{note}"
               + "".join("\n" + t for t in targets))
     stem = Path(args.out) / f"multitenant-{label}"
-    write_tables(rows, stem, header)
-    write_json(stem.with_suffix(".json"), {"args": vars(args), "header": header, "rows": rows, "targets": targets})
+    text = (profile(engines, args.profile, ids, args, max(args.batch_sizes), max(args.tenants), args.beams[-1])
+            if args.profile else None)
+    save_run(stem, rows, header, args, targets, profile=text, command=command)
     print("\n".join([note] + targets + [f"wrote {stem}.{{md,csv,tex,json}}"]))
-    if args.profile:
-        text = profile(engines, args.profile, ids, args, max(args.batch_sizes), max(args.tenants), args.beams[-1])
-        write_text(stem.with_name(stem.name + "-profile.txt"), f"# made by `{command}` on {machine(args.device)}\n"
-                   + text + "\n")
+    if text is not None:
         print("\n" + text)
     return 0
 

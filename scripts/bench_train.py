@@ -41,11 +41,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from papeft.backbones import DTYPES, load_backbone, load_tokenizer
-from papeft.io import write_json, write_text
 from papeft.loss import full_logits_token_loss, response_token_loss
 from papeft.precision import PRECISIONS
 from papeft.prompting import Encoded, PromptFormatter
-from papeft.serving.bench_tables import machine, spread_pct, write_tables
+from papeft.serving.bench_tables import machine, save_run, spread_pct
 from papeft.serving.memory import TensorPeak, sync
 from papeft.tasks import get_task
 from papeft.trainer import Trainer, TrainerConfig
@@ -319,14 +318,10 @@ def main(argv=None) -> int:
               f"{os.getloadavg()[0]:.1f} after." + (f"\n{args.note}" if args.note else "")
               + "".join("\n" + t for t in targets))
     stem = Path(args.out) / (f"train-{label}" + (f"-{args.tag}" if args.tag else ""))
-    write_tables(rows, stem, header, COLUMNS)
-    write_json(stem.with_suffix(".json"), {"args": {k: v for k, v in vars(args).items()}, "header": header,
-                                           "rows": rows, "targets": targets})
+    text = profile(args, trainers, examples, args.profile, paths) if args.profile else None
+    save_run(stem, rows, header, args, targets, COLUMNS, text, command)
     print("\n".join(targets + [f"wrote {stem}.{{md,csv,tex,json}}"]))
-    if args.profile:
-        text = profile(args, trainers, examples, args.profile, paths)
-        write_text(stem.with_name(stem.name + "-profile.txt"), f"# made by `{command}` on {machine(args.device)}\n"
-                   + text + "\n")
+    if text is not None:
         print("\n" + text)
     return 0
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from papeft.io import write_text
+from papeft.io import write_json, write_text
 from papeft.provenance import cpu_model
 from papeft.paper_numbers import SPEED_TABLE4
 from papeft.report_format import tex_escape
@@ -42,6 +42,17 @@ def write_tables(rows: list[dict], stem: Path, header: str, columns: list[str] =
            "\\toprule", " & ".join(map(tex_escape, columns)) + " \\\\", "\\midrule"]
     tex += [" & ".join(tex_escape(fmt(k, r[k], "--")) for k in columns) + " \\\\" for r in rows]
     write_text(stem.with_suffix(".tex"), "\n".join(tex + ["\\bottomrule", "\\end{tabular}"]) + "\n")
+
+
+def save_run(stem: Path, rows: list[dict], header: str, args, targets: list[str], columns: list[str] = COLUMNS,
+             profile: str | None = None, command: str = "") -> None:
+    """A benchmark's tables (md, csv, tex), its JSON (args, header, rows, targets) and, when given, its
+    per-op profile as `<stem>-profile.txt` headed by the command and the machine."""
+    write_tables(rows, stem, header, columns)
+    write_json(stem.with_suffix(".json"), {"args": vars(args), "header": header, "rows": rows, "targets": targets})
+    if profile is not None:
+        write_text(stem.with_name(stem.name + "-profile.txt"),
+                   f"# made by `{command}` on {machine(args.device)}\n" + profile + "\n")
 
 
 def machine(device: str) -> str:
