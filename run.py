@@ -10,7 +10,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from papeft.runner import run
+    from papeft.runner.cells import run
     run(cfg)
 
 

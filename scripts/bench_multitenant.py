@@ -39,13 +39,13 @@ from omegaconf import OmegaConf
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from papeft.backbones import DTYPES, architecture_config, backbone_config, load_backbone, load_tokenizer
-from papeft.prompting import PromptFormatter
+from papeft.backbone.loading import DTYPES, architecture_config, backbone_config, load_backbone, load_tokenizer
+from papeft.tasks.prompting import PromptFormatter
 from papeft.serving import MultiTenantEngine, Request
-from papeft.serving.bench_tables import TARGETS_AT, check_targets, machine, notes, save_run, spread_pct, write_tables
+from papeft.bench.tables import TARGETS_AT, check_targets, machine, notes, save_run, spread_pct, write_tables
 from papeft.serving.memory import PeakMemory, TensorPeak, sync
 from papeft.serving.tenants import meta_skeleton
-from papeft.tuners import build_method
+from papeft.methods import build_method
 
 REPO = Path(__file__).resolve().parents[1]
 # PARADE Appendix F: the example instruction used for the efficiency analysis (Table 4)
@@ -62,7 +62,7 @@ APP_F_INSTRUCTION = (
     "responsibility for the injury, arguing that it did not arise from Shepherd's employment, but from "
     "a lawful State Government Public Health Order (PHO), issued under the Emergency Management Act 2004 (EMA).")
 PAPER_PROMPT_TOKENS = 274        # LLaMA-2 tokens of the instruction with LoRA (App. F)
-RANDOM_SHAPES = {   # besides every configs/backbone shape (papeft.backbones.architecture_config)
+RANDOM_SHAPES = {   # besides every configs/backbone shape (papeft.backbone.loading.architecture_config)
     "tiny_llama": LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,  # tests
                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
 }

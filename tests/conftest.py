@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from papeft.backbones import build_random
+from papeft.backbone.loading import build_random
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "disabled")   # tests never log to wandb unless a test asks for it

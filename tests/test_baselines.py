@@ -10,11 +10,11 @@ from peft import IA3Config, get_peft_model
 from peft.tuners.ia3 import IA3Layer
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-import papeft.tuners.adapters as adapters_mod
-import papeft.tuners.ia3_peft  # noqa: F401  (registration)
-import papeft.tuners.projected_vectors  # noqa: F401  (registration)
-from papeft.architectures import decoder_layers, role_sites
-from papeft.tuners.base import build_method
+import papeft.methods.adapters as adapters_mod
+import papeft.methods.ia3_peft  # noqa: F401  (registration)
+import papeft.methods.projected_vectors  # noqa: F401  (registration)
+from papeft.backbone.architectures import decoder_layers, role_sites
+from papeft.methods.base import build_method
 from conftest import REPO, VOCAB, tiny_model
 
 METHODS = ["ia3", "bitfit", "houlsby", "parallel", "adapterdrop", "ia3_peft"]

@@ -5,7 +5,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from papeft import runner
-from papeft.tuners import METHODS
+from papeft.methods import METHODS
 from papeft.tasks import TASKS
 from conftest import REPO
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from papeft.backbones import architecture_config, backbone_config, dequantised_checkpoint
+from papeft.backbone.loading import architecture_config, backbone_config, dequantised_checkpoint
 from conftest import REPO
 
 spec = importlib.util.spec_from_file_location("count_params", REPO / "scripts/count_params.py")

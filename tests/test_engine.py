@@ -8,8 +8,8 @@ import torch
 from papeft.serving import MultiTenantEngine, Request, TenantError
 from papeft.serving.engine import _CallHooks
 from papeft.serving.tenants import SlotStack, VectorBank
-from papeft.tuners import build_method
-from papeft.tuners.base import ADAPTER_WEIGHTS
+from papeft.methods import build_method
+from papeft.methods.base import ADAPTER_WEIGHTS
 from conftest import TINY, VOCAB, float64, tiny_model, within_float32_ulps
 
 METHODS = {

@@ -3,10 +3,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from papeft.loss import full_logits_token_loss, read_positions, response_token_loss
-from papeft.prompting import Encoded, collate_train
-from papeft.trainer import Trainer, TrainerConfig
-from papeft.tuners import build_method
+from papeft.train.loss import full_logits_token_loss, read_positions, response_token_loss
+from papeft.tasks.prompting import Encoded, collate_train
+from papeft.train.trainer import Trainer, TrainerConfig
+from papeft.methods import build_method
 from conftest import REPO, tiny_model
 
 METHODS = sorted(p.stem for p in (REPO / "configs/method").glob("*.yaml"))

@@ -6,8 +6,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from papeft.tuners import build_method
-from papeft.tuners.prompt_aware import PromptAwareModel
+from papeft.methods import build_method
+from papeft.methods.prompt_aware import PromptAwareModel
 from conftest import REPO, VOCAB, tiny_model
 
 METHOD_YAMLS = sorted((REPO / "configs/method").glob("*.yaml"))

@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from papeft.tuners import METHODS, build_method
+from papeft.methods import METHODS, build_method
 from conftest import VOCAB, tiny_model
 
 LLAMA2_7B = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,

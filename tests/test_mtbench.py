@@ -10,8 +10,8 @@ import torch
 
 from conftest import REPO, TINY
 from papeft import judge as judge_mod
-from papeft.backbones import build_random
-from papeft.judge import (Judge, JudgeError, LocalJudge, OpenAIJudge, Reply, make_judge, pairwise_prompt,
+from papeft.backbone.loading import build_random
+from papeft.tasks.judge import (Judge, JudgeError, LocalJudge, OpenAIJudge, Reply, make_judge, pairwise_prompt,
                           parse_pair_scores, parse_score, single_prompt)
 from papeft.tasks.base import DataError
 from papeft.tasks.instruction import (SUBSET_NOTE, InstructionTask, alpaca_prompt, read_json_list,

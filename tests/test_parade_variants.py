@@ -6,9 +6,9 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from papeft.tuners.base import build_method
-from papeft.tuners.prompt_aware import PromptAwareModel
-from papeft.tuners.vector_generator import CapsulePooler, LastTokenPooler, RoutingPooler, squash
+from papeft.methods.base import build_method
+from papeft.methods.prompt_aware import PromptAwareModel
+from papeft.methods.vector_generator import CapsulePooler, LastTokenPooler, RoutingPooler, squash
 from conftest import REPO, VOCAB, tiny_model
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,

@@ -5,8 +5,8 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-from papeft.backbones import architecture_config, backbone_config
-from papeft.tuners import build_method
+from papeft.backbone.loading import architecture_config, backbone_config
+from papeft.methods import build_method
 from conftest import REPO
 
 LLAMA2_7B = architecture_config(backbone_config("llama2_7b"))      # the shape configs/backbone/llama2_7b.yaml ships

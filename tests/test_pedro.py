@@ -4,12 +4,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import papeft.tuners.pedro  # noqa: F401  (registers "pedro")
-from papeft.prompting import Encoded
-from papeft.trainer import Trainer, TrainerConfig
-from papeft.tuners.base import ADAPTER_WEIGHTS, build_method
-from papeft.tuners.pedro import PedroModel
-from papeft.tuners.rational import PAU_GELU_INIT, RationalActivation
+import papeft.methods.pedro  # noqa: F401  (registers "pedro")
+from papeft.tasks.prompting import Encoded
+from papeft.train.trainer import Trainer, TrainerConfig
+from papeft.methods.base import ADAPTER_WEIGHTS, build_method
+from papeft.methods.pedro import PedroModel
+from papeft.methods.rational import PAU_GELU_INIT, RationalActivation
 from conftest import VOCAB, tiny_model
 
 PEDRO = {"type": "pedro", "r": 4}

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from papeft import precision as precision_mod
-from papeft.prompting import Encoded
-from papeft.trainer import Trainer, TrainerConfig
-from papeft.tuners import build_method
+from papeft.tasks.prompting import Encoded
+from papeft.train.trainer import Trainer, TrainerConfig
+from papeft.methods import build_method
 from conftest import tiny_model
 
 

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from papeft.tuners import build_method
-from papeft.tuners.vector_generator import CapsulePooler, squash
+from papeft.methods import build_method
+from papeft.methods.vector_generator import CapsulePooler, squash
 from conftest import VOCAB, tiny_model
 
 METHODS = {

@@ -7,8 +7,8 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from papeft.tuners.base import build_method
-from papeft.tuners import adalora, lopa, prompt_learning  # noqa: F401  (registration)
+from papeft.methods.base import build_method
+from papeft.methods import adalora, lopa, prompt_learning  # noqa: F401  (registration)
 from conftest import REPO, VOCAB, tiny_model, within_float32_ulps
 
 ARCHS = ["llama", "gemma", "gpt2", "gpt_neox"]
@@ -126,8 +126,8 @@ def test_adalora_orthogonality_regulariser_reaches_the_gradient():
 
 
 def _adalora_step_grads(micro: int, weight: float) -> dict:
-    from papeft.prompting import Encoded
-    from papeft.trainer import Trainer, TrainerConfig
+    from papeft.tasks.prompting import Encoded
+    from papeft.train.trainer import Trainer, TrainerConfig
     m = build(yaml_cfg("adalora", orth_reg_weight=weight)).double().train()    # float64: sums in any order agree
     scramble(m, scale=0.5)
     g = torch.Generator().manual_seed(3)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from papeft.prompting import KEEP_HEAD, Encoded, PromptFormatter, collate_prompts, collate_train
+from papeft.tasks.prompting import KEEP_HEAD, Encoded, PromptFormatter, collate_prompts, collate_train
 
 
 class CharTokenizer:
@@ -55,7 +55,7 @@ def test_overlong_prompt_keeps_head_and_tail():
 
 
 def test_smollm2_chat_template_is_its_own():
-    from papeft.backbones import load_tokenizer
+    from papeft.backbone.loading import load_tokenizer
     from conftest import REPO
     from omegaconf import OmegaConf
     cfg = OmegaConf.to_container(OmegaConf.load(REPO / "configs/backbone/smollm2_135m.yaml"), resolve=True)

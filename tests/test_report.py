@@ -1,4 +1,4 @@
-"""Tests for papeft.report: medians, IQR, skipping bad runs, table formats, CLI, atomic writes."""
+"""Tests for papeft.report.tables: medians, IQR, skipping bad runs, table formats, CLI, atomic writes."""
 from __future__ import annotations
 
 import csv
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from papeft import report
-from papeft.report import collect, median_table, to_csv, to_latex, to_markdown, write_tables
+from papeft.report.tables import collect, median_table, to_csv, to_latex, to_markdown, write_tables
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -146,7 +146,7 @@ def test_write_tables_atomic_via_io(tmp_path, monkeypatch):
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    return subprocess.run([sys.executable, "-m", "papeft.report", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "papeft.report.tables", *map(str, args)],
                           capture_output=True, text=True, env=env)
 
 

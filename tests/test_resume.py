@@ -14,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from papeft import runner
-from papeft.checkpoint import (CHECKPOINT_DIR, CHECKPOINT_FILE, EXIT_PREEMPTED, Checkpointer, NonFiniteLossError,
+from papeft.train.checkpoint import (CHECKPOINT_DIR, CHECKPOINT_FILE, EXIT_PREEMPTED, Checkpointer, NonFiniteLossError,
                                config_hash, load_optimizer_state, optimizer_state, peek_step, rng_state, set_rng_state)
 from conftest import REPO, data_root
 
@@ -24,7 +24,7 @@ RUN = ["backbone=tiny_llama", "trainer=smoke", "trainer.progress=false", "traine
        "trainer.num_beams=1", "task.max_train_samples=16", "task.max_eval_samples=4", "wandb.enabled=false"]
 SAME = ("score", "best_dev_loss", "dev_history", "best_step", "steps", "params_trainable")
 # run.py with every optimizer step slowed down (results unchanged) so a test can kill it between checkpoints
-SLOW_RUN = ("import sys, time, runpy; sys.path.insert(0, 'src'); import papeft.trainer as t; step = t.Trainer._step; "
+SLOW_RUN = ("import sys, time, runpy; sys.path.insert(0, 'src'); import papeft.train.trainer as t; step = t.Trainer._step; "
             "t.Trainer._step = lambda self, *a: (time.sleep(0.4), step(self, *a))[1]; "
             "sys.argv = ['run.py', *sys.argv[1:]]; runpy.run_path('run.py', run_name='__main__')")
 

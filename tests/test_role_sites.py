@@ -3,8 +3,8 @@ never reaches the MLP's `c_proj`."""
 import pytest
 import torch
 
-from papeft.architectures import ROLE_PATHS, decoder_layers, role_sites
-from papeft.tuners import build_method
+from papeft.backbone.architectures import ROLE_PATHS, decoder_layers, role_sites
+from papeft.methods import build_method
 from conftest import VOCAB, tiny_model
 
 NON_GATED = ["gpt2", "gpt_neox"]

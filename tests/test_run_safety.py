@@ -12,11 +12,11 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import save_file
 
 from papeft import runner
-from papeft.cell_lock import LOCK_FILE, CellLock, CellLocked
-from papeft.checkpoint import CHECKPOINT_DIR, CHECKPOINT_FILE, CheckpointError, config_hash, peek_step
+from papeft.runner.cell_lock import LOCK_FILE, CellLock, CellLocked
+from papeft.train.checkpoint import CHECKPOINT_DIR, CHECKPOINT_FILE, CheckpointError, config_hash, peek_step
 from papeft.config_checks import ConfigError
 from papeft.io import HOST, write_json
-from papeft.report import write_tables
+from papeft.report.tables import write_tables
 from conftest import REPO
 
 RUN = ["backbone=tiny_llama", "trainer=smoke", "trainer.progress=false", "trainer.max_steps=2", "trainer.batch_size=2",
@@ -69,7 +69,7 @@ def test_a_live_writers_temp_file_is_left_alone(tmp_path):
 
 def hold(folder):
     """A separate process that holds the cell's lock until its stdin closes."""
-    code = ("import sys; sys.path.insert(0, 'src'); from papeft.cell_lock import CellLock\n"
+    code = ("import sys; sys.path.insert(0, 'src'); from papeft.runner.cell_lock import CellLock\n"
             f"lock = CellLock({str(folder)!r}).acquire(); print('held', flush=True); sys.stdin.read()")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True)

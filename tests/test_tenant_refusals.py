@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from papeft.serving import MultiTenantEngine, Request, TenantError
-from papeft.tuners.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from papeft.methods.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from test_engine import NEW, adapter, backbone, prompts
 
 

@@ -4,11 +4,11 @@ import contextlib
 import pytest
 import torch
 
-from papeft.checkpoint import NonFiniteLossError
-from papeft.distributed import Parallel
-from papeft.prompting import Encoded
-from papeft.trainer import Trainer, TrainerConfig
-from papeft.tuners import build_method
+from papeft.train.checkpoint import NonFiniteLossError
+from papeft.train.distributed import Parallel
+from papeft.tasks.prompting import Encoded
+from papeft.train.trainer import Trainer, TrainerConfig
+from papeft.methods import build_method
 from conftest import float64, tiny_model
 
 

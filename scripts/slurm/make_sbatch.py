@@ -4,7 +4,7 @@
     python scripts/slurm/make_sbatch.py experiment=paper_table1 --launch accelerate --gpus 4
     sbatch results/paper_table1/slurm/paper_table1.sbatch          # from the repository root
 
-The grid is the one `python run.py -m <same overrides>` runs (papeft.sweep: the experiment's
+The grid is the one `python run.py -m <same overrides>` runs (papeft.runner.sweep: the experiment's
 `hydra.sweeper.params` x the command line), in the same order. SLURM resources come from
 configs/hydra/launcher/slurm.yaml (override them here as on run.py: hydra.launcher.partition=gpu).
 `--dry-run` prints the script instead of writing it. The script needs no Hydra launcher plugin:
@@ -25,8 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
 
-from papeft.checkpoint import EXIT_PREEMPTED  # noqa: E402
-from papeft.sweep import Sweep, expand  # noqa: E402
+from papeft.train.checkpoint import EXIT_PREEMPTED  # noqa: E402
+from papeft.runner.sweep import Sweep, expand  # noqa: E402
 
 LAUNCHERS = {
     "python": "${{PYTHON:-python}} run.py",

@@ -46,7 +46,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from papeft.architectures import ROLE_PATHS, decoder_layers, model_type, module_width, role_sites
+from papeft.backbone.architectures import ROLE_PATHS, decoder_layers, model_type, module_width, role_sites
 from papeft.serving.gathered_lora import LoraBank, lora_forward
 from papeft.serving.tenants import (LoraTenant, SoftPromptTenant, StaticBank, Tenant, TenantError, VectorBank,
                                     load_tenant)

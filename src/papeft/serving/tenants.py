@@ -44,10 +44,10 @@ from torch import nn
 from torch.func import functional_call, vmap
 from transformers import AutoModelForCausalLM
 
-from papeft.architectures import ROLE_PATHS, decoder_layers, model_type, module_width
-from papeft.tuners import build_method  # registers every method
-from papeft.tuners.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS, METHODS, AdaptedModel, backbone_fingerprint
-from papeft.tuners.prompt_aware import PromptAwareModel
+from papeft.backbone.architectures import ROLE_PATHS, decoder_layers, model_type, module_width
+from papeft.methods import build_method  # registers every method
+from papeft.methods.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS, METHODS, AdaptedModel, backbone_fingerprint
+from papeft.methods.prompt_aware import PromptAwareModel
 
 
 class TenantError(ValueError):

@@ -7,7 +7,7 @@ result from it carries a note saying so.
 
 Test set: the 80 MT-Bench questions (`mt_bench/question.jsonl`, two turns each). Turn 2 is asked
 with turn 1 and the model's own first answer in the conversation. Scores: a judge's mean score out
-of 10 (`papeft.judge`, the task's `judge` config) and ROUGE-L against GPT-4's reference answers
+of 10 (`papeft.tasks.judge`, the task's `judge` config) and ROUGE-L against GPT-4's reference answers
 (`mt_bench/reference_answer/gpt-4.jsonl`, questions 101-130 only).
 
 Our readings (the papers are silent):
@@ -31,7 +31,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 from . import metrics
 from ..config_checks import Check, between, one_of
-from ..judge import Judge, judge_summary, make_judge, validate_judge_config
+from .judge import Judge, judge_summary, make_judge, validate_judge_config
 from .base import (DATA_ROOT_HINT, DataError, Evaluation, Example, RawRow, Splits, Task, TaskConfig, bad_row, cap,
                    carve, cfg_value, check_limit, no_rows, read_jsonl, read_text, register_task, require_examples,
                    resolve_task_dir)

@@ -7,7 +7,7 @@ and, written last and atomically, `metrics.json`: a run that dies leaves no
 
 Sweeps that survive (`resume: auto`, the default):
 * a cell whose `metrics.json` is complete and carries the same config hash is skipped;
-* an unfinished cell resumes from `checkpoint/last.safetensors` (papeft.checkpoint), which is
+* an unfinished cell resumes from `checkpoint/last.safetensors` (papeft.train.checkpoint), which is
   deleted once `metrics.json` is written;
 * a cell that raises writes `failed.json` (error, traceback, checkpoint step). In a Hydra
   multirun the job then returns, so the other cells go on; a single run re-raises.
@@ -16,7 +16,7 @@ WANDB_MODE says otherwise) unless `wandb.enabled: false`.
 
 Before anything is written or loaded, every task, method and trainer key is type- and
 range-checked (`read_configs`). One process at a time runs a cell (`cell.lock`,
-papeft.cell_lock): a second one names the holder and stops with `CellLocked`, touching
+papeft.runner.cell_lock): a second one names the holder and stops with `CellLocked`, touching
 nothing (an error in a single run; logged and skipped in a multirun). A checkpoint that
 cannot be resumed stops the cell with a `CheckpointError` naming the file (recorded in
 `failed.json`; `resume=never` or deleting it starts over).
@@ -35,19 +35,19 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from papeft.backbones import load_backbone
-from papeft.cell_lock import CellLock, CellLocked
-from papeft.checkpoint import CHECKPOINT_DIR, Checkpointer, Preempted, config_hash, peek_step
-from papeft.distributed import Parallel
+from papeft.backbone.loading import load_backbone
+from papeft.runner.cell_lock import CellLock, CellLocked
+from papeft.train.checkpoint import CHECKPOINT_DIR, Checkpointer, Preempted, config_hash, peek_step
+from papeft.train.distributed import Parallel
 from papeft.io import remove_stale_temps, write_json, write_jsonl, write_text
-from papeft.prompting import PromptFormatter
-from papeft.provenance import environment
-from papeft.report import read_json, write_tables
+from papeft.tasks.prompting import PromptFormatter
+from papeft.report.provenance import environment
+from papeft.report.tables import read_json, write_tables
 from papeft.tasks import get_task
 from papeft.tasks.base import TaskConfig
-from papeft.trainer import Trainer, TrainerConfig
-from papeft.tuners import build_method
-from papeft.tuners.base import make_config, method_config
+from papeft.train.trainer import Trainer, TrainerConfig
+from papeft.methods import build_method
+from papeft.methods.base import make_config, method_config
 
 log = logging.getLogger(__name__)
 

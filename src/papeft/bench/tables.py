@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from papeft.io import write_json, write_text
-from papeft.provenance import cpu_model
-from papeft.paper_numbers import SPEED_TABLE4
-from papeft.report_format import tex_escape
+from papeft.report.provenance import cpu_model
+from papeft.report.paper_numbers import SPEED_TABLE4
+from papeft.report.formats import tex_escape
 
 TARGETS_AT = (8, 8)              # (batch, tenants) of the acceptance targets
 COLUMNS = ["batch", "tenants", "beams", "method", "prefill_ms", "prefill_x_bare", "prefill_spread_pct",

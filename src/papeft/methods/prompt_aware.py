@@ -25,11 +25,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from papeft.architectures import (LINEAR_ROLES, ROLE_PATHS, decoder_layers, full_width, hook_features, model_type,
+from papeft.backbone.architectures import (LINEAR_ROLES, ROLE_PATHS, decoder_layers, full_width, hook_features, model_type,
                                   role_sites, sites_by_module)
 from papeft.config_checks import at_least, one_of, role_names
-from papeft.tuners.base import AdaptedModel, register_method
-from papeft.tuners.vector_generator import ACTIVATIONS, POOLERS, VectorGenerator, make_activation, make_pooler
+from papeft.methods.base import AdaptedModel, register_method
+from papeft.methods.vector_generator import ACTIVATIONS, POOLERS, VectorGenerator, make_activation, make_pooler
 
 
 @dataclass

@@ -33,9 +33,9 @@ from peft.utils import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as PEFT
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from papeft.architectures import ROLE_PATHS, decoder_layers, model_type
-from papeft.tuners.base import AdaptedModel, register_method
-from papeft.tuners.projected_vectors import resolve_targets
+from papeft.backbone.architectures import ROLE_PATHS, decoder_layers, model_type
+from papeft.methods.base import AdaptedModel, register_method
+from papeft.methods.projected_vectors import resolve_targets
 
 
 @dataclass

@@ -1,11 +1,11 @@
-"""Rendering of median tables (papeft.report) as Markdown, CSV and booktabs LaTeX.
+"""Rendering of median tables (papeft.report.tables) as Markdown, CSV and booktabs LaTeX.
 
 Layout of the paper's Table 1: one row per (backbone, method) with its tunable-parameter column,
 one column per task; each cell is the median over seeds, followed by the interquartile range in
 brackets when there are several seeds; best per column in bold, second underlined (Markdown:
 italics); `(n=k)` flags a cell with fewer complete seeds than expected, `failed` a cell whose every
 run failed, `NaN` a cell whose every finished run reported a NaN score (listed below the table with
-why), `–` a cell never run. Paper rows (papeft.paper_numbers) come after ours, under a rule.
+why), `–` a cell never run. Paper rows (papeft.report.paper_numbers) come after ours, under a rule.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import io
 from typing import TYPE_CHECKING, Callable, Sequence
 
 if TYPE_CHECKING:                                    # pragma: no cover
-    from papeft.paper_numbers import PaperTable
-    from papeft.report import Row
+    from papeft.report.paper_numbers import PaperTable
+    from papeft.report.tables import Row
 
 LOWER_IS_BETTER = frozenset({"loss", "perplexity", "ppl", "wer", "ter"})
 MISSING = "–"

@@ -35,10 +35,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from papeft.architectures import (LINEAR_ROLES, RoleSite, decoder_layers, full_width, hook_features, resolve_targets,
+from papeft.backbone.architectures import (LINEAR_ROLES, RoleSite, decoder_layers, full_width, hook_features, resolve_targets,
                                   role_sites, sites_by_module)
 from papeft.config_checks import at_least, role_names
-from papeft.tuners.base import AdaptedModel, register_method
+from papeft.methods.base import AdaptedModel, register_method
 
 OPERATIONS = {"ia3": "scale", "bitfit": "add"}   # registry key -> how delta acts on the output
 

@@ -32,10 +32,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from papeft.architectures import ROLE_PATHS, decoder_layers, model_type
+from papeft.backbone.architectures import ROLE_PATHS, decoder_layers, model_type
 from papeft.config_checks import at_least, between, one_of
-from papeft.tuners.base import AdaptedModel, register_method
-from papeft.tuners.vector_generator import ACTIVATIONS
+from papeft.methods.base import AdaptedModel, register_method
+from papeft.methods.vector_generator import ACTIVATIONS
 
 PLACEMENTS = {"houlsby": "sequential", "adapterdrop": "sequential", "parallel": "parallel"}
 SEQUENTIAL_ROLES = ("o", "down")     # after attention, after the FFN

@@ -5,13 +5,13 @@ AdamW, linear decay with 6% warm-up, at most `max_epochs` epochs (or
 `patience` evaluations without a lower dev loss, and the best dev checkpoint of
 the trainable weights predicts the test set by generation (beam 3 by default).
 The loss covers response tokens only, and the LM head runs only at the positions
-it reads (papeft.loss). `batch_size: auto` is the paper's rule: 16 when the
+it reads (papeft.train.loss). `batch_size: auto` is the paper's rule: 16 when the
 training set has under 10k examples, else 128; micro-batches with gradient
 accumulation keep memory bounded, cut from the step's examples sorted by length.
-`precision` (papeft.precision) sets the autocast dtype of training, dev loss and
+`precision` (papeft.train.precision) sets the autocast dtype of training, dev loss and
 generation; `auto` picks it per device.
 
-Resuming (papeft.checkpoint): with a `Checkpointer`, the full training state is saved every
+Resuming (papeft.train.checkpoint): with a `Checkpointer`, the full training state is saved every
 `checkpoint_every` steps, when training ends, and on a pre-emption signal; `fit` starts from it
 when one exists for the same config, and replays exactly what an uninterrupted run would do.
 A NaN/inf loss or gradient norm stops the run (`NonFiniteLossError`, naming the step) without
@@ -29,14 +29,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from papeft.checkpoint import (CheckpointError, Checkpointer, NonFiniteLossError, PreemptionGuard,
+from papeft.train.checkpoint import (CheckpointError, Checkpointer, NonFiniteLossError, PreemptionGuard,
                                load_optimizer_state, optimizer_state, prefixed, rng_state, set_rng_state, unprefixed)
 from papeft.config_checks import Check, above, at_least, between, one_of
-from papeft.distributed import Parallel
-from papeft.loss import response_token_loss
-from papeft.precision import Precision
-from papeft.prompting import Encoded, collate_prompts, collate_train
-from papeft.tuners.base import AdaptedModel
+from papeft.train.distributed import Parallel
+from papeft.train.loss import response_token_loss
+from papeft.train.precision import Precision
+from papeft.tasks.prompting import Encoded, collate_prompts, collate_train
+from papeft.methods.base import AdaptedModel
 
 
 @dataclass
@@ -57,7 +57,7 @@ class TrainerConfig:
     num_beams: int = 3
     max_new_tokens: int | None = None    # caps every task's generation budget (trainer=smoke)
     device: str = "auto"
-    precision: str = "auto"              # auto | fp32 | bf16 | fp16 (papeft.precision: auto picks per device)
+    precision: str = "auto"              # auto | fp32 | bf16 | fp16 (papeft.train.precision: auto picks per device)
     progress: bool = True
     checkpoint_every: int = 0            # steps between resumable checkpoints; 0: only at the end and on pre-emption
     distributed: str = "none"            # none | accelerate (under `accelerate launch` / `torchrun`)

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from papeft.config_checks import at_least, between, one_of
-from papeft.tuners.base import register_method
-from papeft.tuners.prompt_learning import SoftPromptModel
+from papeft.methods.base import register_method
+from papeft.methods.prompt_learning import SoftPromptModel
 
 ENCODERS = ("backbone", "minilm")
 

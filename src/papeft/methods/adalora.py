@@ -38,9 +38,9 @@ import torch
 from peft import AdaLoraConfig, get_peft_model
 from torch import nn
 
-from papeft.architectures import LINEAR_ROLES, lora_target_modules, model_type, resolve_targets
+from papeft.backbone.architectures import LINEAR_ROLES, lora_target_modules, model_type, resolve_targets
 from papeft.config_checks import above, at_least, between, role_names
-from papeft.tuners.base import AdaptedModel, register_method
+from papeft.methods.base import AdaptedModel, register_method
 
 
 @dataclass
@@ -124,7 +124,7 @@ class AdaLoraModel(AdaptedModel):
             return None
         return self.config.orth_reg_weight * self.orthogonality_loss()
 
-    # ---- state outside the trainable weights, for resumable training (papeft.checkpoint) ----
+    # ---- state outside the trainable weights, for resumable training (papeft.train.checkpoint) ----
     SCORES = ("ipt", "exp_avg_ipt", "exp_avg_unc")    # RankAllocator dicts: name -> tensor like the weight
 
     def resume_state(self) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ a warning naming the file (never an abort). Runs that wrote ``failed.json`` are 
 their cell (a cell with only failures reads ``failed``), never as a number. A complete run whose
 score is NaN keeps its row: the cell reads ``NaN`` when no seed has a score (else the median of
 the others, flagged), and the table lists each such run with why.
-Rendering: papeft.report_format; figures: papeft.plots.
+Rendering: papeft.report.formats; figures: papeft.report.plots.
 
 CLI: ``python -m papeft.report <dir> [--out OUTDIR] [--name median] [--paper table1] [--plots] [--no-iqr]``.
 """
@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from papeft.io import write_text
-from papeft.provenance import short_commit
-from papeft.report_format import (FAILED, LOWER_IS_BETTER, MISSING, expected_seeds, format_params,  # noqa: F401
+from papeft.report.provenance import short_commit
+from papeft.report.formats import (FAILED, LOWER_IS_BETTER, MISSING, expected_seeds, format_params,  # noqa: F401
                                   params_text, tasks_of, tex_escape, to_csv, to_latex, to_markdown)
 
 REQUIRED = ("backbone", "method", "task", "seed", "metric", "score",
@@ -167,7 +167,7 @@ def collect(root: str | Path) -> list[dict]:
 
 
 def collect_failures(root: str | Path) -> list[dict]:
-    """Every ``failed.json`` under ``root`` (runs that raised; papeft.runner writes them)."""
+    """Every ``failed.json`` under ``root`` (runs that raised; papeft.runner.cells writes them)."""
     root = Path(root)
     if root.is_file():
         return []
@@ -287,9 +287,9 @@ def write_tables(run_dirs_or_metrics: Sequence[Path | str | dict], out_stem: Pat
     """Write ``<out_stem>.md/.csv/.tex`` (atomically) from run dirs, metrics files or dicts.
 
     Directories are scanned recursively for ``metrics.json`` and ``failed.json``. `paper` names a
-    table of papeft.paper_numbers printed under ours. Raises ``ValueError`` when there is no run.
+    table of papeft.report.paper_numbers printed under ours. Raises ``ValueError`` when there is no run.
     """
-    from papeft.paper_numbers import get_table
+    from papeft.report.paper_numbers import get_table
     records: list[dict] = []
     failures: list[dict] = []
     for item in run_dirs_or_metrics:
@@ -318,7 +318,7 @@ def write_tables(run_dirs_or_metrics: Sequence[Path | str | dict], out_stem: Pat
 def write_plots(root: Path, out_dir: Path) -> list[Path]:
     """Figure 2 (score against tunable parameters, one panel per task) as PNG and PDF, plus an
     index linking every per-run figure (PEDRO's learned activations) found in the runs' artifacts."""
-    from papeft.plots import plot_budget
+    from papeft.report.plots import plot_budget
     records = collect(root)
     written: list[Path] = []
     for task, series in budget_series(records).items():
@@ -372,6 +372,3 @@ def main(argv: Sequence[str] | None = None) -> int:
               "none (no method has runs at two or more budgets, and no run wrote a figure)")
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

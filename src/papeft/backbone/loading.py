@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
+from papeft.paths import config_group
+
 log = logging.getLogger(__name__)
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "backbone"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -113,9 +114,9 @@ def backbone_config(name_or_path: str) -> dict:
 
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
-        path = CONFIG_DIR / f"{name_or_path}.yaml"
+        path = config_group("backbone") / f"{name_or_path}.yaml"
     if not path.is_file():
-        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        known = sorted(p.stem for p in config_group("backbone").glob("*.yaml"))
         raise FileNotFoundError(f"backbone '{name_or_path}': {path} does not exist; known backbones: {known}")
     return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
 
@@ -159,7 +160,7 @@ def load_backbone(cfg: dict):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m papeft.backbones NAME`: fetch/dequantise a backbone from configs/backbone/NAME.yaml."""
+    """`python -m papeft.backbone NAME`: fetch/dequantise a backbone from configs/backbone/NAME.yaml."""
     import sys
 
     names = (argv if argv is not None else sys.argv[1:]) or ["smollm2_135m"]
@@ -168,6 +169,3 @@ def main(argv: list[str] | None = None) -> None:
         n = sum(p.numel() for p in model.parameters())
         print(f"backbone {name}: {type(model).__name__}, {n / 1e6:.1f}M parameters, vocab {len(tok)}")
 
-
-if __name__ == "__main__":
-    main()

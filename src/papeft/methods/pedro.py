@@ -27,10 +27,10 @@ from typing import Any
 
 from torch import nn
 
-from papeft.plots import plot_rational_activations
-from papeft.tuners.base import register_method
-from papeft.tuners.prompt_aware import PromptAwareConfig, PromptAwareModel
-from papeft.tuners.rational import RationalActivation
+from papeft.report.plots import plot_rational_activations
+from papeft.methods.base import register_method
+from papeft.methods.prompt_aware import PromptAwareConfig, PromptAwareModel
+from papeft.methods.rational import RationalActivation
 
 PLOT_STEM = "rational_activations"
 LEARNABLE_ACTIVATIONS = ("rational", "rational_pau")   # the same safe PAU, from our GELU refit or the spec's

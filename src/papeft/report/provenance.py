@@ -12,9 +12,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from papeft.paths import project_root
+
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "tokenizers",
             "hydra-core", "omegaconf", "numpy", "gguf", "evaluate", "sqlparse", "rouge-score")
-PROJECT_ROOT = Path(__file__).resolve().parents[2]      # the checkout, for an editable install
 
 
 def package_versions(names=PACKAGES) -> dict[str, str | None]:
@@ -39,7 +40,7 @@ def _git(root: Path, *args: str) -> str | None:
 def git_state(root: Path | None = None) -> dict[str, Any]:
     """{"commit": sha or None, "dirty": bool or None} of the checkout holding papeft (else the working
     directory). Dirty: tracked files changed since the commit; results/ (the sweep's own outputs) excluded."""
-    for root in [root] if root is not None else [PROJECT_ROOT, Path.cwd()]:
+    for root in [root] if root is not None else [project_root() or Path.cwd(), Path.cwd()]:
         commit = _git(root, "rev-parse", "HEAD")
         if commit is not None:
             break

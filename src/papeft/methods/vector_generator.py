@@ -16,7 +16,7 @@ from torch import nn
 
 from functools import partial
 
-from papeft.tuners.rational import PAU_GELU_INIT, RationalActivation
+from papeft.methods.rational import PAU_GELU_INIT, RationalActivation
 
 
 def squash(s: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:

@@ -42,7 +42,7 @@ import torch
 from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 from torch import nn
 
-from papeft.tuners.base import AdaptedModel, register_method
+from papeft.methods.base import AdaptedModel, register_method
 
 KINDS = ("prompt_tuning", "p_tuning", "prefix_tuning")
 PROMPT_TUNING_INITS = ("sample_vocab", "random")

@@ -3,7 +3,7 @@
 `Judge.score(question, answer, reference=None)` returns a score out of 10, or None when the judge's
 reply holds no readable score (a missing score, never a 0). Backends only turn prompts into replies:
 
-* `LocalJudge`   any backbone config (`papeft.backbones.load_backbone`), greedy decoding through
+* `LocalJudge`   any backbone config (`papeft.backbone.loading.load_backbone`), greedy decoding through
                  the backbone's chat template (`PromptFormatter`); works offline;
 * `OpenAIJudge`  an OpenAI-compatible chat-completions endpoint over HTTP (stdlib urllib): base_url,
                  model, API key from an environment variable, timeout, retries. The paper used GPT-4.
@@ -30,6 +30,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
+
+from papeft.paths import config_group
 
 PAIRWISE_TEMPLATE = """Task Introduction
 you will be given a query, and two responses from two assistants, could you compare the two responses, and do the following:
@@ -182,7 +184,6 @@ class Judge:
 
 # ---------------------------------------------------------------------------- local backend
 
-BACKBONE_DIR = Path(__file__).resolve().parents[2] / "configs" / "backbone"
 
 
 def backbone_config(spec: str | Mapping[str, Any]) -> dict:
@@ -191,15 +192,15 @@ def backbone_config(spec: str | Mapping[str, Any]) -> dict:
         return dict(spec)
     from omegaconf import OmegaConf
 
-    path = BACKBONE_DIR / f"{spec}.yaml"
+    path = config_group("backbone") / f"{spec}.yaml"
     if not path.is_file():
-        known = sorted(p.stem for p in BACKBONE_DIR.glob("*.yaml"))
+        known = sorted(p.stem for p in config_group("backbone").glob("*.yaml"))
         raise JudgeError(f"judge.backbone={spec!r}: {path} does not exist; known backbones: {known}")
     return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
 
 
 def load_backbone(cfg: dict):  # indirection so tests can substitute a tiny model
-    from .backbones import load_backbone as load
+    from papeft.backbone.loading import load_backbone as load
 
     return load(cfg)
 

@@ -12,9 +12,9 @@ from typing import ClassVar
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from papeft.architectures import LINEAR_ROLES, lora_target_modules, model_type, resolve_targets
+from papeft.backbone.architectures import LINEAR_ROLES, lora_target_modules, model_type, resolve_targets
 from papeft.config_checks import above, at_least, between, role_names
-from papeft.tuners.base import AdaptedModel, register_method
+from papeft.methods.base import AdaptedModel, register_method
 
 
 @dataclass

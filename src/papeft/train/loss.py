@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from papeft.tuners.base import AdaptedModel
+from papeft.methods.base import AdaptedModel
 
 IGNORE = -100
 

@@ -17,7 +17,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+from papeft.paths import config_dir
+
 
 
 @dataclass
@@ -44,7 +45,7 @@ def compose_config(overrides: Sequence[str], launcher: str | None = "slurm") -> 
         overrides.insert(0, f"hydra/launcher={launcher}")
     if GlobalHydra.instance().is_initialized():               # inside a Hydra app or a test's initialize()
         return compose("config", overrides=overrides, return_hydra_config=True)
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose("config", overrides=overrides, return_hydra_config=True)
 
 

@@ -1,0 +1,47 @@
+"""Where the project's folders are, decided once.
+
+`configs/` is found, in this order, at `$PAPEFT_CONFIGS`, in the checkout this package was
+imported from (`python run.py`, an editable install), or in the working directory or one of its
+parents (a regular install run from a checkout). Every module asks here; none counts `parents[N]`.
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+PACKAGE_CHECKOUT = Path(__file__).resolve().parents[2]   # <checkout>/src/papeft/paths.py, when run from one
+
+
+def _has_configs(root: Path) -> bool:
+    return (root / "configs" / "config.yaml").is_file()
+
+
+@lru_cache(maxsize=None)
+def project_root() -> Path | None:
+    """The checkout holding `configs/`, or None (configs given by $PAPEFT_CONFIGS, or not found)."""
+    for root in (PACKAGE_CHECKOUT, Path.cwd(), *Path.cwd().parents):
+        if _has_configs(root):
+            return root
+    return None
+
+
+def config_dir() -> Path:
+    """The `configs/` folder (Hydra's config path)."""
+    env = os.environ.get("PAPEFT_CONFIGS")
+    if env:
+        path = Path(env).expanduser()
+        if not (path / "config.yaml").is_file():
+            raise FileNotFoundError(f"PAPEFT_CONFIGS={env}: expected a folder holding config.yaml (papeft's configs/)")
+        return path
+    root = project_root()
+    if root is None:
+        raise FileNotFoundError(
+            f"papeft's configs/ not found: looked beside the package ({PACKAGE_CHECKOUT}) and in {Path.cwd()} "
+            "and its parents; run from the checkout or set PAPEFT_CONFIGS=<checkout>/configs")
+    return root / "configs"
+
+
+def config_group(group: str) -> Path:
+    """One config group's folder, e.g. `config_group("backbone")` -> configs/backbone."""
+    return config_dir() / group
