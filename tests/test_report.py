@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from papeft import report
+from papeft.report import tables as report
 from papeft.report.tables import collect, median_table, to_csv, to_latex, to_markdown, write_tables
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -211,7 +211,7 @@ def test_paper_rows_follow_ours_in_the_papers_order(tmp_path):
 
 
 def test_budget_series_and_figure(tmp_path):
-    from papeft import plots
+    from papeft.report import plots
     recs = [rec(f"parade_r{r}", "boolq", seed=s, score=60 + r + s, params_trainable_no_bias=1000 * r)
             for r in (4, 8, 12) for s in range(3)]
     recs += [rec("lora_r2", "boolq", score=50, params_trainable_no_bias=3000), rec("ia3", "boolq", score=40)]
