@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import shlex
 import statistics
 import sys
@@ -42,7 +41,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from papeft.backbone.loading import DTYPES, architecture_config, backbone_config, load_backbone, load_tokenizer
 from papeft.tasks.prompting import PromptFormatter
 from papeft.serving import MultiTenantEngine, Request
-from papeft.bench.tables import TARGETS_AT, check_targets, machine, notes, save_run, spread_pct, write_tables
+from papeft.bench.tables import TARGETS_AT, check_targets, machine, notes, rerender, save_run, spread_pct
 from papeft.serving.memory import PeakMemory, TensorPeak, sync
 from papeft.serving.tenants import meta_skeleton
 from papeft.methods import build_method
@@ -295,19 +294,13 @@ def parse_args(argv):
     return args
 
 
-def rerender(path: Path) -> int:
-    """Rewrite the md/csv/tex tables of a saved run (its .json) without measuring again."""
-    saved = json.loads(path.read_text())
-    write_tables(saved["rows"], path.with_suffix(""), saved["header"])
-    print(f"wrote {path.with_suffix('')}.{{md,csv,tex}} from {path}")
-    return 0
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.rerender:
-        return rerender(Path(args.rerender))
+        paths = rerender(Path(args.rerender))
+        print(f"wrote {', '.join(map(str, paths.values()))} from {args.rerender}")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     backbone, ids, label = backbone_and_prompt(args)
