@@ -114,7 +114,7 @@ def random_adapter(hf_config, method_yaml: str, seed: int, directory: Path) -> P
             continue
         owner, _, leaf = name.rpartition(".")
         value = torch.randn(p.shape, generator=g) * 0.02 + (1.0 if name.endswith("up.bias") else 0.0)
-        adapted.get_submodule(owner)._parameters[leaf] = nn.Parameter(value)
+        setattr(adapted.get_submodule(owner), leaf, nn.Parameter(value))    # replaces the meta parameter
     return adapted.save_adapter(directory)
 
 
