@@ -13,7 +13,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from papeft import runner
+from papeft.runner import cells as runner
 from papeft.train.checkpoint import (CHECKPOINT_DIR, CHECKPOINT_FILE, EXIT_PREEMPTED, Checkpointer, NonFiniteLossError,
                                config_hash, load_optimizer_state, optimizer_state, peek_step, rng_state, set_rng_state)
 from conftest import REPO, data_root
