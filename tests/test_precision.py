@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from papeft import precision as precision_mod
+from papeft.train import precision as precision_mod
 from papeft.tasks.prompting import Encoded
 from papeft.train.trainer import Trainer, TrainerConfig
 from papeft.methods import build_method
