@@ -45,6 +45,7 @@ from papeft.bench.tables import TARGETS_AT, check_targets, machine, notes, reren
 from papeft.serving.memory import PeakMemory, TensorPeak, sync
 from papeft.serving.tenants import meta_skeleton
 from papeft.methods import build_method
+from papeft.paths import config_group
 
 REPO = Path(__file__).resolve().parents[1]
 # PARADE Appendix F: the example instruction used for the efficiency analysis (Table 4)
@@ -74,7 +75,7 @@ METHODS = {"bare": (None, "main"), "parade": ("parade", "main"), "para": ("para"
 # ---- backbone, prompt, tenants ------------------------------------------------
 def backbone_and_prompt(args) -> tuple[nn.Module, list[int], str]:
     """(backbone in eval mode on the device, prompt ids, label)."""
-    smol = OmegaConf.to_container(OmegaConf.load(REPO / "configs/backbone/smollm2_135m.yaml"), resolve=True)
+    smol = backbone_config("smollm2_135m")
     if args.random_config:
         name = args.random_config
         config = RANDOM_SHAPES.get(name) or architecture_config(backbone_config(name))
@@ -85,7 +86,7 @@ def backbone_and_prompt(args) -> tuple[nn.Module, list[int], str]:
         cfg = smol                                                    # tokenizer and template for the prompt
     else:
         name = args.backbone
-        cfg = OmegaConf.to_container(OmegaConf.load(REPO / f"configs/backbone/{name}.yaml"), resolve=True)
+        cfg = backbone_config(name)
         if args.dtype:
             cfg["dtype"] = args.dtype
         model, _ = load_backbone(cfg)
@@ -106,7 +107,7 @@ def backbone_and_prompt(args) -> tuple[nn.Module, list[int], str]:
 
 def random_adapter(hf_config, method_yaml: str, seed: int, directory: Path) -> Path:
     """A saved adapter with random weights of the method's shapes (built on a meta skeleton)."""
-    cfg = OmegaConf.to_container(OmegaConf.load(REPO / f"configs/method/{method_yaml}.yaml"), resolve=True)
+    cfg = OmegaConf.to_container(OmegaConf.load(config_group("method") / f"{method_yaml}.yaml"), resolve=True)
     adapted = build_method(meta_skeleton(hf_config), cfg)
     g = torch.Generator().manual_seed(seed)
     for name, p in list(adapted.named_parameters()):

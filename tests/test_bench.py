@@ -53,7 +53,10 @@ def test_tensor_peak_counts_what_a_call_allocates():
     assert tracker.peak == (256 + 512) * 4 and c.numel() == 128
 
 
-@pytest.mark.parametrize("saved", sorted(p.relative_to(REPO).as_posix() for p in (REPO / "results/bench").rglob("*.json")))
+SAVED_RUNS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "results/bench").rglob("*.json"))
+
+
+@pytest.mark.parametrize("saved", SAVED_RUNS)
 def test_committed_tables_rerender_byte_identical(saved, tmp_path):
     """Every committed benchmark run's md/csv/tex comes back byte for byte from its json."""
     saved = REPO / saved
