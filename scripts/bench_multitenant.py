@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import shlex
 import statistics
 import sys
@@ -42,10 +41,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from papeft.backbone.loading import DTYPES, architecture_config, backbone_config, load_backbone, load_tokenizer
 from papeft.tasks.prompting import PromptFormatter
 from papeft.serving import MultiTenantEngine, Request
-from papeft.bench.tables import TARGETS_AT, check_targets, machine, notes, save_run, spread_pct, write_tables
+from papeft.bench.tables import TARGETS_AT, check_targets, machine, notes, rerender, save_run, spread_pct
 from papeft.serving.memory import PeakMemory, TensorPeak, sync
 from papeft.serving.tenants import meta_skeleton
 from papeft.methods import build_method
+from papeft.paths import config_group
 
 REPO = Path(__file__).resolve().parents[1]
 # PARADE Appendix F: the example instruction used for the efficiency analysis (Table 4)
@@ -75,7 +75,7 @@ METHODS = {"bare": (None, "main"), "parade": ("parade", "main"), "para": ("para"
 # ---- backbone, prompt, tenants ------------------------------------------------
 def backbone_and_prompt(args) -> tuple[nn.Module, list[int], str]:
     """(backbone in eval mode on the device, prompt ids, label)."""
-    smol = OmegaConf.to_container(OmegaConf.load(REPO / "configs/backbone/smollm2_135m.yaml"), resolve=True)
+    smol = backbone_config("smollm2_135m")
     if args.random_config:
         name = args.random_config
         config = RANDOM_SHAPES.get(name) or architecture_config(backbone_config(name))
@@ -86,7 +86,7 @@ def backbone_and_prompt(args) -> tuple[nn.Module, list[int], str]:
         cfg = smol                                                    # tokenizer and template for the prompt
     else:
         name = args.backbone
-        cfg = OmegaConf.to_container(OmegaConf.load(REPO / f"configs/backbone/{name}.yaml"), resolve=True)
+        cfg = backbone_config(name)
         if args.dtype:
             cfg["dtype"] = args.dtype
         model, _ = load_backbone(cfg)
@@ -107,7 +107,7 @@ def backbone_and_prompt(args) -> tuple[nn.Module, list[int], str]:
 
 def random_adapter(hf_config, method_yaml: str, seed: int, directory: Path) -> Path:
     """A saved adapter with random weights of the method's shapes (built on a meta skeleton)."""
-    cfg = OmegaConf.to_container(OmegaConf.load(REPO / f"configs/method/{method_yaml}.yaml"), resolve=True)
+    cfg = OmegaConf.to_container(OmegaConf.load(config_group("method") / f"{method_yaml}.yaml"), resolve=True)
     adapted = build_method(meta_skeleton(hf_config), cfg)
     g = torch.Generator().manual_seed(seed)
     for name, p in list(adapted.named_parameters()):
@@ -115,7 +115,7 @@ def random_adapter(hf_config, method_yaml: str, seed: int, directory: Path) -> P
             continue
         owner, _, leaf = name.rpartition(".")
         value = torch.randn(p.shape, generator=g) * 0.02 + (1.0 if name.endswith("up.bias") else 0.0)
-        adapted.get_submodule(owner)._parameters[leaf] = nn.Parameter(value)
+        setattr(adapted.get_submodule(owner), leaf, nn.Parameter(value))    # replaces the meta parameter
     return adapted.save_adapter(directory)
 
 
@@ -295,19 +295,13 @@ def parse_args(argv):
     return args
 
 
-def rerender(path: Path) -> int:
-    """Rewrite the md/csv/tex tables of a saved run (its .json) without measuring again."""
-    saved = json.loads(path.read_text())
-    write_tables(saved["rows"], path.with_suffix(""), saved["header"])
-    print(f"wrote {path.with_suffix('')}.{{md,csv,tex}} from {path}")
-    return 0
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.rerender:
-        return rerender(Path(args.rerender))
+        paths = rerender(Path(args.rerender))
+        print(f"wrote {', '.join(map(str, paths.values()))} from {args.rerender}")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     backbone, ids, label = backbone_and_prompt(args)

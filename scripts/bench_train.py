@@ -40,7 +40,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from papeft.backbone.loading import DTYPES, load_backbone, load_tokenizer
+from papeft.backbone.loading import DTYPES, backbone_config, load_backbone, load_tokenizer
 from papeft.train.loss import full_logits_token_loss, response_token_loss
 from papeft.train.precision import PRECISIONS
 from papeft.tasks.prompting import Encoded, PromptFormatter
@@ -49,6 +49,7 @@ from papeft.serving.memory import TensorPeak, sync
 from papeft.tasks import get_task
 from papeft.train.trainer import Trainer, TrainerConfig
 from papeft.methods import build_method
+from papeft.paths import config_group
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_METHODS = "lora,parade,pedro,ia3,ptuning_v2"
@@ -76,7 +77,7 @@ def examples_for(args, vocab: int) -> list[Encoded]:
     cfg = backbone_cfg(args)
     tok = load_tokenizer(cfg)
     fmt = PromptFormatter(tok, cfg.get("chat_template", "auto"), cfg.get("system_prompt"), 2048)
-    task_cfg = OmegaConf.load(REPO / f"configs/task/{args.task}.yaml")
+    task_cfg = OmegaConf.load(config_group("task") / f"{args.task}.yaml")
     task_cfg.max_train_samples = args.batch_size
     splits = get_task(args.task).load(task_cfg, os.environ.get("PAPEFT_DATA", "data"))
     if len(splits.train) < args.batch_size:
@@ -85,7 +86,7 @@ def examples_for(args, vocab: int) -> list[Encoded]:
 
 
 def backbone_cfg(args) -> dict:
-    cfg = OmegaConf.to_container(OmegaConf.load(REPO / f"configs/backbone/{args.backbone}.yaml"), resolve=True)
+    cfg = backbone_config(args.backbone)
     if args.dtype:
         cfg["dtype"] = args.dtype
     return cfg
@@ -118,7 +119,7 @@ def build_trainers(args, methods: list[str], specs: dict) -> dict:
     pad_id, eos_id = (0, 2) if tok is None else (tok.pad_token_id, tok.eos_token_id)
     trainers = {}
     for m in methods:
-        method_cfg = OmegaConf.to_container(OmegaConf.load(REPO / f"configs/method/{m}.yaml"), resolve=True)
+        method_cfg = OmegaConf.to_container(OmegaConf.load(config_group("method") / f"{m}.yaml"), resolve=True)
         models = {}
         for path, spec in specs.items():
             key = loaded if spec["precision"] == "fp32" else PRECISIONS[spec["precision"]]
@@ -280,7 +281,7 @@ def parse_args(argv):
     args.methods = [m for m in args.methods.split(",") if m]
     args.precisions = [p for p in args.precisions.split(",") if p]
     args.profile = [m for m in (args.profile or "").split(",") if m]
-    unknown = sorted({m for m in args.methods + args.profile if not (REPO / f"configs/method/{m}.yaml").is_file()})
+    unknown = sorted({m for m in args.methods + args.profile if not (config_group("method") / f"{m}.yaml").is_file()})
     if unknown:
         ap.error(f"unknown method(s) {unknown}: no configs/method/<name>.yaml")
     if set(args.profile) - set(args.methods):

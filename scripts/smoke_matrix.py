@@ -18,6 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 from papeft.io import write_text  # noqa: E402
+from papeft.paths import config_group  # noqa: E402
 
 
 def run_cell(method: str, task: str, extra: list[str], out_root: Path) -> dict:
@@ -62,7 +63,7 @@ def main() -> None:
     ap.add_argument("--out-root", default="results/smoke/runs", help="where the runs go (finished runs are skipped)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides (after --)")
     args = ap.parse_args()
-    methods = (sorted(p.stem for p in (REPO / "configs/method").glob("*.yaml"))
+    methods = (sorted(p.stem for p in config_group("method").glob("*.yaml"))
                if args.methods == "all" else args.methods.split(","))
     if "lora" in methods:                       # LoRA first: the reference for step times
         methods.remove("lora")

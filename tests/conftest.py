@@ -1,4 +1,5 @@
 import contextlib
+import importlib.util
 import os
 from pathlib import Path
 
@@ -24,6 +25,14 @@ VOCAB = 97
 def tiny_model(arch: str = "llama", seed: int = 0):
     torch.manual_seed(seed)
     return build_random(arch, TINY[arch], vocab_size=VOCAB, seed=seed).eval()
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def data_root() -> Path:

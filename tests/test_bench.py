@@ -1,24 +1,17 @@
 """The Table 4 benchmark script end to end on a tiny random model: every method, tables, targets."""
 import csv
-import importlib.util
 import json
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, load_script
+from papeft.bench.tables import COLUMNS, rerender
 from papeft.serving.memory import TensorPeak
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_multitenant", REPO / "scripts/bench_multitenant.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_benchmark_writes_tables_for_every_method(tmp_path, capsys):
-    bench = load_bench()
+    bench = load_script("bench_multitenant")
     assert bench.main(["--random-config", "tiny_llama", "--batch-sizes", "8", "--tenants", "8", "--beams", "1,3",
                        "--new-tokens", "3", "--prompt-tokens", "20", "--repeats", "2", "--warmup", "0",
                        "--out", str(tmp_path), "--profile", "parade,lora_gathered"]) == 0
@@ -47,7 +40,7 @@ def test_benchmark_writes_tables_for_every_method(tmp_path, capsys):
 
 def test_benchmark_rejects_unknown_method():
     with pytest.raises(SystemExit):
-        load_bench().parse_args(["--methods", "parade,dora"])
+        load_script("bench_multitenant").parse_args(["--methods", "parade,dora"])
 
 
 def test_tensor_peak_counts_what_a_call_allocates():
@@ -58,3 +51,16 @@ def test_tensor_peak_counts_what_a_call_allocates():
         del a, b
         c = torch.ones(128)                   # after both freed: the peak stays 3 KiB
     assert tracker.peak == (256 + 512) * 4 and c.numel() == 128
+
+
+SAVED_RUNS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "results/bench").rglob("*.json"))
+
+
+@pytest.mark.parametrize("saved", SAVED_RUNS)
+def test_committed_tables_rerender_byte_identical(saved, tmp_path):
+    """Every committed benchmark run's md/csv/tex comes back byte for byte from its json."""
+    saved = REPO / saved
+    columns = load_script("bench_train").COLUMNS if saved.name.startswith("train-") else COLUMNS
+    paths = rerender(saved, columns, stem=tmp_path / saved.stem)
+    for ext, path in paths.items():
+        assert path.read_bytes() == saved.with_suffix(f".{ext}").read_bytes(), ext

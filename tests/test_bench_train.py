@@ -1,22 +1,14 @@
 """scripts/bench_train.py end to end on a tiny random model: paths interleaved, ratios, tables, targets."""
 import csv
-import importlib.util
 import json
 
 import pytest
 
-from conftest import REPO
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_train", REPO / "scripts/bench_train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script
 
 
 def test_training_benchmark_writes_tables_with_ratios_and_targets(tmp_path, capsys):
-    bench = load_bench()
+    bench = load_script("bench_train")
     assert bench.main(["--random-config", "tiny_llama", "--seq-len", "16", "--batch-size", "4",
                        "--micro-batch-size", "2", "--methods", "lora,parade,ptuning_v2", "--precisions", "fp32,bf16",
                        "--repeats", "2", "--warmup", "0", "--out", str(tmp_path), "--note", "under test"]) == 0
@@ -45,7 +37,7 @@ def test_training_benchmark_writes_tables_with_ratios_and_targets(tmp_path, caps
 
 
 def test_training_benchmark_rejects_unknown_names():
-    bench = load_bench()
+    bench = load_script("bench_train")
     with pytest.raises(SystemExit):
         bench.parse_args(["--methods", "lora,dora"])
     with pytest.raises(SystemExit):

@@ -1,7 +1,6 @@
 """scripts/count_params.py and the backbone shapes it counts on: a real command line, every backbone
 from the shape its YAML ships (no hub), and the README's method table reproduced from it."""
 import csv
-import importlib.util
 import io
 import re
 
@@ -10,11 +9,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from papeft.backbone.loading import architecture_config, backbone_config, dequantised_checkpoint
-from conftest import REPO
+from conftest import REPO, load_script
 
-spec = importlib.util.spec_from_file_location("count_params", REPO / "scripts/count_params.py")
-count_params = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(count_params)
+count_params = load_script("count_params")
 
 # Total weights as the model cards / papers report them (LLaMA-2, Gemma, GPT-2, Pythia; SmolLM2 from its GGUF):
 # an independent check of every `shape:` block.

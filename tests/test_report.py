@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from papeft.report import tables as report
-from papeft.report.tables import collect, median_table, to_csv, to_latex, to_markdown, write_tables
+from papeft.report.formats import format_params, to_csv, to_latex, to_markdown
+from papeft.report.rows import quantile
+from papeft.report.tables import collect, median_table, write_tables
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -53,7 +55,7 @@ def test_iqr_linear_interpolation():
     assert cell(rows, "parade", "copa").iqr == pytest.approx(1.5)
     one = median_table([rec(score=70)])
     assert cell(one, "parade", "copa").iqr == 0
-    assert report.quantile([10, 20, 30, 40, 50], 0.75) == 40
+    assert quantile([10, 20, 30, 40, 50], 0.75) == 40
 
 
 def test_incomplete_and_corrupt_runs_not_counted(tmp_path):
@@ -99,7 +101,7 @@ def test_n_flag_and_params_format():
                          params_trainable_no_bias=8_950_000)])
     md = to_markdown(rows)
     assert "(n=1)" in md and "8.95M" in md
-    assert report.format_params(123_400) == "123.4K" and report.format_params(512) == "512"
+    assert format_params(123_400) == "123.4K" and format_params(512) == "512"
 
 
 def test_latex_marks_escapes_and_balance():
@@ -146,7 +148,7 @@ def test_write_tables_atomic_via_io(tmp_path, monkeypatch):
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    return subprocess.run([sys.executable, "-m", "papeft.report.tables", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "papeft.report", *map(str, args)],
                           capture_output=True, text=True, env=env)
 
 

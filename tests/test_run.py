@@ -58,7 +58,7 @@ def test_multirun_then_report(tmp_path, shared_data):
     run_py(["-m", *TINY, "method=para", "seed=0,1"], tmp_path, shared_data)
     runs = tmp_path / "runs/tiny_llama/para/copa"
     assert sorted(p.name for p in runs.iterdir()) == ["seed0", "seed1"]
-    out = subprocess.run([sys.executable, "-m", "papeft.report.tables", str(runs)], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "papeft.report", str(runs)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert (runs / "median.md").exists() and "para" in out.stdout
 

@@ -40,7 +40,7 @@ def test_cpu_experiment_through_local_launcher_then_report(tmp_path, shared_data
     ran = [yaml.safe_load((tmp_path / f"multirun/{i}/.hydra/overrides.yaml").read_text()) for i in range(2)]
     assert [sorted(c) for c in cells] == [sorted(r) for r in ran]
     assert len(list((tmp_path / "wb/wandb").glob("offline-run-*/*.wandb"))) == 2      # wandb, offline, per run
-    out = subprocess.run([sys.executable, "-m", "papeft.report.tables", str(runs), "--plots"],
+    out = subprocess.run([sys.executable, "-m", "papeft.report", str(runs), "--plots"],
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
     assert out.returncode == 0, out.stderr
     assert "parade_r4" in out.stdout and "parade_r8" in out.stdout
@@ -60,7 +60,7 @@ def test_failed_cell_does_not_stop_the_sweep(tmp_path, shared_data):
     assert failed["status"] == "failed" and failed["error_type"] == "DataError"
     assert not (runs / "boolq/seed0/metrics.json").exists()
     assert json.loads((runs / "copa/seed0/metrics.json").read_text())["status"] == "complete"
-    out = subprocess.run([sys.executable, "-m", "papeft.report.tables", str(runs)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "papeft.report", str(runs)], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(REPO / "src")})
     assert out.returncode == 0, out.stderr
     row = next(line for line in out.stdout.splitlines() if line.startswith("| tiny_llama | parade |"))

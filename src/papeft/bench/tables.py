@@ -1,10 +1,16 @@
 """Tables and target checks of scripts/bench_multitenant.py (Markdown, CSV, LaTeX from one list of rows);
-the table writer and the machine description serve scripts/bench_train.py too."""
+the table writer, the saved run and the machine description serve scripts/bench_train.py too.
+
+A run is saved as `<stem>.json` (args, header, rows, targets) beside its tables; `rerender` writes the
+tables again from that json with the same writer, byte for byte what the run wrote.
+"""
 from __future__ import annotations
 
+import json
 import os
 import statistics
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -30,21 +36,24 @@ def spread_pct(values: list[float]) -> float:
     return 100 * (max(values) - min(values)) / statistics.median(values)
 
 
-def write_tables(rows: list[dict], stem: Path, header: str, columns: list[str] = COLUMNS) -> None:
+def write_tables(rows: list[dict], stem: Path, header: str, columns: Sequence[str] = COLUMNS) -> dict[str, Path]:
+    """`<stem>.md`, `.csv`, `.tex`: the header, then one line per row with `columns` in that order."""
+    paths = {ext: stem.with_suffix(f".{ext}") for ext in ("md", "csv", "tex")}
     cells = [[fmt(c, r[c]) for c in columns] for r in rows]
     md = [header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     md += ["| " + " | ".join(c) + " |" for c in cells]
-    write_text(stem.with_suffix(".md"), "\n".join(md) + "\n")
-    write_text(stem.with_suffix(".csv"), "\n".join([",".join(columns)] + [",".join(str(r[c]) for c in columns)
-                                                                           for r in rows]) + "\n")
+    write_text(paths["md"], "\n".join(md) + "\n")
+    write_text(paths["csv"], "\n".join([",".join(columns)] + [",".join(str(r[c]) for c in columns)
+                                                               for r in rows]) + "\n")
     align = "".join("l" if isinstance(rows[0][c], str) else "r" for c in columns) if rows else "l" * len(columns)
     tex = ["% " + header.replace("\n", "\n% "), "\\begin{tabular}{" + align + "}",
            "\\toprule", " & ".join(map(tex_escape, columns)) + " \\\\", "\\midrule"]
     tex += [" & ".join(tex_escape(fmt(k, r[k], "--")) for k in columns) + " \\\\" for r in rows]
-    write_text(stem.with_suffix(".tex"), "\n".join(tex + ["\\bottomrule", "\\end{tabular}"]) + "\n")
+    write_text(paths["tex"], "\n".join(tex + ["\\bottomrule", "\\end{tabular}"]) + "\n")
+    return paths
 
 
-def save_run(stem: Path, rows: list[dict], header: str, args, targets: list[str], columns: list[str] = COLUMNS,
+def save_run(stem: Path, rows: list[dict], header: str, args, targets: list[str], columns: Sequence[str] = COLUMNS,
              profile: str | None = None, command: str = "") -> None:
     """A benchmark's tables (md, csv, tex), its JSON (args, header, rows, targets) and, when given, its
     per-op profile as `<stem>-profile.txt` headed by the command and the machine."""
@@ -53,6 +62,13 @@ def save_run(stem: Path, rows: list[dict], header: str, args, targets: list[str]
     if profile is not None:
         write_text(stem.with_name(stem.name + "-profile.txt"),
                    f"# made by `{command}` on {machine(args.device)}\n" + profile + "\n")
+
+
+def rerender(saved: Path, columns: Sequence[str] = COLUMNS, stem: Path | None = None) -> dict[str, Path]:
+    """A saved run's md/csv/tex written again from its json (header and rows), without measuring:
+    beside the json, or at `stem`. `columns`: the benchmark's (scripts/bench_train.py has its own)."""
+    run = json.loads(Path(saved).read_text())
+    return write_tables(run["rows"], stem or Path(saved).with_suffix(""), run["header"], columns)
 
 
 def machine(device: str) -> str:

@@ -1,4 +1,4 @@
-"""Rendering of median tables (papeft.report.tables) as Markdown, CSV and booktabs LaTeX.
+"""A median table (papeft.report.rows, filled by papeft.report.tables) as Markdown, CSV and booktabs LaTeX.
 
 Layout of the paper's Table 1: one row per (backbone, method) with its tunable-parameter column,
 one column per task; each cell is the median over seeds, followed by the interquartile range in
@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import csv
 import io
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
-if TYPE_CHECKING:                                    # pragma: no cover
-    from papeft.report.paper_numbers import PaperTable
-    from papeft.report.tables import Row
+from papeft.report.paper_numbers import PaperTable
+from papeft.report.rows import Row
 
 LOWER_IS_BETTER = frozenset({"loss", "perplexity", "ppl", "wer", "ter"})
 MISSING = "–"
@@ -34,14 +33,14 @@ def format_params(n: int) -> str:
     return str(n)
 
 
-def params_text(row: "Row") -> str:
+def params_text(row: Row) -> str:
     if not row.params:
         return MISSING
     lo, hi = min(row.params), max(row.params)
     return format_params(lo) if lo == hi else f"{format_params(lo)}–{format_params(hi)}"
 
 
-def tasks_of(rows: list["Row"], paper: "PaperTable | None" = None) -> list[tuple[str, str]]:
+def tasks_of(rows: list[Row], paper: PaperTable | None = None) -> list[tuple[str, str]]:
     """(task, metric) columns: the paper's task order first when given, then the rest sorted."""
     found: dict[str, str] = {}
     for row in rows:
@@ -52,16 +51,16 @@ def tasks_of(rows: list["Row"], paper: "PaperTable | None" = None) -> list[tuple
     return sorted(found.items(), key=lambda tm: (order.index(tm[0]) if tm[0] in order else len(order), tm[0]))
 
 
-def expected_seeds(rows: list["Row"]) -> int:
+def expected_seeds(rows: list[Row]) -> int:
     return max((c.n + c.failed + len(c.unscored) for r in rows for c in r.cells.values()), default=0)
 
 
-def unscored_lines(rows: list["Row"]) -> list[str]:
+def unscored_lines(rows: list[Row]) -> list[str]:
     """Why each run without a score has none, in table order."""
     return [line for r in rows for c in r.cells.values() for line in c.unscored]
 
 
-def _ranks(rows: list["Row"], task: str, metric: str) -> dict[str, int]:
+def _ranks(rows: list[Row], task: str, metric: str) -> dict[str, int]:
     """Map each displayed value of a column to 1 (best) or 2 (second); needs >= 2 values."""
     shown = [f"{r.cells[task].median:.1f}" for r in rows if task in r.cells and r.cells[task].n]
     if len(shown) < 2:
@@ -70,7 +69,7 @@ def _ranks(rows: list["Row"], task: str, metric: str) -> dict[str, int]:
     return {v: i + 1 for i, v in enumerate(order[:2])}
 
 
-def _cells(rows: list["Row"], tasks: list[tuple[str, str]], mark: dict[int, Callable[[str], str]],
+def _cells(rows: list[Row], tasks: list[tuple[str, str]], mark: dict[int, Callable[[str], str]],
            iqr: Callable[[str], str] | None, failed: str) -> list[list[str]]:
     """Formatted task cells per row: median (+ IQR), best/second marks, (n=k) / failed flags."""
     expected = expected_seeds(rows)
@@ -96,7 +95,7 @@ def _cells(rows: list["Row"], tasks: list[tuple[str, str]], mark: dict[int, Call
     return out
 
 
-def _paper_cells(paper: "PaperTable", tasks: list[tuple[str, str]]) -> list[tuple[str, str, list[str]]]:
+def _paper_cells(paper: PaperTable, tasks: list[tuple[str, str]]) -> list[tuple[str, str, list[str]]]:
     """(method label, params, cells) of the paper's rows, in our columns."""
     return [(pr.label, pr.params or MISSING,
              [f"{pr.scores[t]:.1f}" if t in pr.scores else MISSING for t, _ in tasks]) for pr in paper.rows]
@@ -107,7 +106,7 @@ FOOTER = ("Median over seeds, [interquartile range] when there are several; best
           f"`{NAN}`: every finished run reported a NaN score (listed below); `{MISSING}`: not run.")
 
 
-def to_markdown(rows: list["Row"], notes: Sequence[str] = (), paper: "PaperTable | None" = None,
+def to_markdown(rows: list[Row], notes: Sequence[str] = (), paper: PaperTable | None = None,
                 failures: Sequence[dict] = (), iqr: bool = True) -> str:
     """Markdown table plus its legend, the paper's rows (when given), notes and failed runs."""
     esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
@@ -142,7 +141,7 @@ def failure_line(f: dict) -> str:
             f"{f.get('error_type', 'error')}: {error[0] if error else ''}{where}")
 
 
-def to_csv(rows: list["Row"], paper: "PaperTable | None" = None) -> str:
+def to_csv(rows: list[Row], paper: PaperTable | None = None) -> str:
     """Machine-readable CSV: median, n, IQR and failed runs per task; missing cells left empty."""
     tasks = [t for t, _ in tasks_of(rows, paper)]
     buf = io.StringIO()
@@ -172,7 +171,7 @@ def tex_escape(text: str) -> str:
     return "".join(_TEX.get(ch, ch) for ch in str(text))
 
 
-def to_latex(rows: list["Row"], notes: Sequence[str] = (), paper: "PaperTable | None" = None,
+def to_latex(rows: list[Row], notes: Sequence[str] = (), paper: PaperTable | None = None,
              iqr: bool = True) -> str:
     """booktabs `tabular`: best per column bold, second underlined, IQR in small type; paper rows
     under a `\\midrule`; notes below."""

@@ -21,59 +21,17 @@ import re
 import statistics
 import sys
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from papeft.io import write_text
+from papeft.report.formats import to_csv, to_latex, to_markdown
 from papeft.report.provenance import short_commit
-from papeft.report.formats import (FAILED, LOWER_IS_BETTER, MISSING, expected_seeds, format_params,  # noqa: F401
-                                  params_text, tasks_of, tex_escape, to_csv, to_latex, to_markdown)
+from papeft.report.rows import Cell, Row, quantile
 
 REQUIRED = ("backbone", "method", "task", "seed", "metric", "score",
             "params_trainable_no_bias", "status")
 FAILURE_KEYS = ("backbone", "method", "task", "seed")
-
-
-@dataclass
-class Cell:
-    """Aggregate of one (backbone, method, task) over its seeds; `failed` counts failed runs."""
-
-    metric: str | None
-    scores: list[float]
-    failed: int = 0
-    unscored: list[str] = field(default_factory=list)   # one line per run whose score is NaN, saying why
-
-    @property
-    def n(self) -> int:
-        return len(self.scores)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.scores)
-
-    @property
-    def iqr(self) -> float:
-        return quantile(self.scores, 0.75) - quantile(self.scores, 0.25)
-
-
-@dataclass
-class Row:
-    """One table row: a (backbone, method) pair and its cells keyed by task."""
-
-    backbone: str
-    method: str
-    params: list[int] = field(default_factory=list)
-    cells: dict[str, Cell] = field(default_factory=dict)
-
-
-def quantile(values: Sequence[float], q: float) -> float:
-    """Quantile with linear interpolation between order statistics (numpy's default)."""
-    xs = sorted(values)
-    pos = q * (len(xs) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def read_json(path: Path) -> Any:

@@ -1,0 +1,51 @@
+"""The data of a median table: a `Row` per (backbone, method), a `Cell` per task in it.
+
+papeft.report.tables fills them from runs' records; papeft.report.formats renders them.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Sequence
+
+
+@dataclass
+class Cell:
+    """Aggregate of one (backbone, method, task) over its seeds; `failed` counts failed runs."""
+
+    metric: str | None
+    scores: list[float]
+    failed: int = 0
+    unscored: list[str] = field(default_factory=list)   # one line per run whose score is NaN, saying why
+
+    @property
+    def n(self) -> int:
+        return len(self.scores)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.scores)
+
+    @property
+    def iqr(self) -> float:
+        return quantile(self.scores, 0.75) - quantile(self.scores, 0.25)
+
+
+@dataclass
+class Row:
+    """One table row: a (backbone, method) pair and its cells keyed by task."""
+
+    backbone: str
+    method: str
+    params: list[int] = field(default_factory=list)
+    cells: dict[str, Cell] = field(default_factory=dict)
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """Quantile with linear interpolation between order statistics (numpy's default)."""
+    xs = sorted(values)
+    pos = q * (len(xs) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
