@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from papeft import runner
+from papeft.runner import cells as runner
 from papeft.methods import METHODS
 from papeft.tasks import TASKS
 from conftest import REPO
@@ -96,6 +96,6 @@ def test_budget_sweep_sets_rank_and_run_name():
 
 
 def test_benchmark_experiment_refuses_to_train():
-    from papeft import runner
+    from papeft.runner import cells as runner
     with pytest.raises(ValueError, match="benchmark"):
         runner.run_single(compose_exp("experiment=paper_table4"), 0)

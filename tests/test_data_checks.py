@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from papeft import runner
+from papeft.runner import cells as runner
 from papeft.tasks import get_task
 from papeft.tasks.base import DataError
 from papeft.tasks.instruction import InstructionTask

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY
-from papeft import judge as judge_mod
+from papeft.tasks import judge as judge_mod
 from papeft.backbone.loading import build_random
 from papeft.tasks.judge import (Judge, JudgeError, LocalJudge, OpenAIJudge, Reply, make_judge, pairwise_prompt,
                           parse_pair_scores, parse_score, single_prompt)

@@ -7,7 +7,7 @@ import sys
 import pytest
 from hydra import compose, initialize_config_dir
 
-from papeft import runner
+from papeft.runner import cells as runner
 from conftest import REPO
 
 TINY = ["backbone=tiny_llama", "trainer=smoke", "trainer.progress=false", "task.max_eval_samples=4",

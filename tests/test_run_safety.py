@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import save_file
 
-from papeft import runner
+from papeft.runner import cells as runner
 from papeft.runner.cell_lock import LOCK_FILE, CellLock, CellLocked
 from papeft.train.checkpoint import CHECKPOINT_DIR, CHECKPOINT_FILE, CheckpointError, config_hash, peek_step
 from papeft.config_checks import ConfigError

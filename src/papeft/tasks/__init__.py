@@ -8,6 +8,6 @@ from __future__ import annotations
 
 from . import generation, glue, instruction, qa, superglue, wikisql  # noqa: F401  (registers the tasks)
 from .base import TASKS, DataError, Evaluation, Example, Splits, Task, get_task, register_task
-from .superglue import PromptTask
+from .prompt_task import PromptTask
 
 __all__ = ["DataError", "Evaluation", "Example", "PromptTask", "Splits", "TASKS", "Task", "get_task", "register_task"]
