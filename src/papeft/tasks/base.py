@@ -96,10 +96,10 @@ class Task:
     name: str = ""
     metric: str = "accuracy"
     config_cls: type = TaskConfig
-    # the notes of the caps (str.format over limit, n / dev, test), worded as each family's results say them
-    train_cap_note = "max_train_samples={limit}: train capped from {n} examples (first {limit} of a split_seed shuffle)"
-    eval_cap_note = ("max_eval_samples={limit}: dev ({dev}) and test ({test}) each capped (first {limit} of a "
-                     "split_seed shuffle); test is not the full test set")
+    # the wording of the cap notes, as each family's results have always said it
+    cap_how = " (first {limit} of a split_seed shuffle)"  # how a capped split is chosen ("" to leave it unsaid)
+    test_unit = ""                                          # what the test set counts, e.g. " MRs"
+    full_test_set = "the full test set"                     # what a capped test set is not
 
     def parse_config(self, values: Mapping[str, Any]) -> TaskConfig:
         """The task config (configs/task/*.yaml as a mapping; `name` defaults to the task's), every key
@@ -118,9 +118,12 @@ class Task:
         seed, max_train, max_eval = config.split_seed, config.max_train_samples, config.max_eval_samples
         notes = list(drawn.notes)
         if max_train is not None and max_train < len(drawn.train):
-            notes.append(self.train_cap_note.format(limit=max_train, n=len(drawn.train)))
+            notes.append(f"max_train_samples={max_train}: train capped from {len(drawn.train)} examples"
+                         + self.cap_how.format(limit=max_train))
         if max_eval is not None and max_eval < max(len(drawn.dev), len(drawn.test)):
-            notes.append(self.eval_cap_note.format(limit=max_eval, dev=len(drawn.dev), test=len(drawn.test)))
+            notes.append(f"max_eval_samples={max_eval}: dev ({len(drawn.dev)}) and test ({len(drawn.test)}"
+                         f"{self.test_unit}) each capped{self.cap_how.format(limit=max_eval)}; "
+                         f"test is not {self.full_test_set}")
         splits = Splits(cap(drawn.train, max_train, seed), cap(drawn.dev, max_eval, seed),
                         cap(drawn.test, max_eval, seed), notes)
         return require_examples(splits, self.name, drawn.sources)

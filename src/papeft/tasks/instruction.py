@@ -182,8 +182,7 @@ class InstructionTask(Task):
     name = "alpaca_mtbench"
     metric = "judge_score"
     config_cls = AlpacaMTBenchConfig
-    train_cap_note = "max_train_samples={limit}: train capped from {n} examples"
-    eval_cap_note = "max_eval_samples={limit}: dev ({dev}) and test ({test}) each capped; test is not all of MT-Bench"
+    cap_how, full_test_set = "", "all of MT-Bench"
 
     def __init__(self) -> None:
         self.judge_cfg: dict | None = None

@@ -85,8 +85,7 @@ class WikiSQLTask(Task):
     metric = "execution_accuracy"
     task_dir = "wikisql"
     config_cls = WikiSQLConfig
-    train_cap_note = "max_train_samples={limit}: train capped from {n} examples"
-    eval_cap_note = "max_eval_samples={limit}: dev ({dev}) and test ({test}) each capped; test is not the full test set"
+    cap_how = ""
 
     def __init__(self) -> None:
         self.limits = SandboxLimits()
