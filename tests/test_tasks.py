@@ -7,8 +7,8 @@ import random
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
+from conftest import task_config
 from papeft.tasks import TASKS, DataError, Example, Splits, get_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def test_registry_has_the_four_tasks():
 
 @pytest.mark.parametrize("name", TASK_NAMES)
 def test_task_yaml(name):
-    conf = OmegaConf.load(REPO / "configs" / "task" / f"{name}.yaml")
+    conf = task_config(name)
     assert set(conf) == {"name", "split_protocol", "split_seed", "source", "max_train_samples",
                          "max_eval_samples", "max_new_tokens"}
     assert conf.name == name and conf.split_protocol == "paper" and conf.split_seed == 1234
@@ -171,7 +171,7 @@ def test_caps_are_deterministic_subsets(root):
 
 
 def test_load_accepts_an_omegaconf_config(root):
-    conf = OmegaConf.load(REPO / "configs" / "task" / "copa.yaml")
+    conf = task_config("copa")
     splits = get_task("copa").load(conf, root)
     assert isinstance(splits, Splits) and len(splits.test) == 50
 

@@ -8,11 +8,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
 import papeft.tasks.generation  # noqa: F401  (importing registers e2e, gsm8k)
 import papeft.tasks.glue  # noqa: F401  (qnli)
 import papeft.tasks.qa  # noqa: F401  (squad, record)
+from conftest import task_config
 from papeft.tasks.base import DataError, Example, get_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def uids(examples) -> set[str]:
 
 @pytest.mark.parametrize("name,max_new_tokens", sorted(NEW_TASKS.items()))
 def test_task_yaml(name, max_new_tokens):
-    conf = OmegaConf.load(REPO / "configs" / "task" / f"{name}.yaml")
+    conf = task_config(name)
     assert set(conf) == {"name", "split_protocol", "split_seed", "source", "max_train_samples",
                          "max_eval_samples", "max_new_tokens"}
     assert conf.name == name and get_task(name).name == name

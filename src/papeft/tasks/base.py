@@ -9,6 +9,7 @@ is the family of the tasks read from official files or the Hub and filled into a
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import random
@@ -17,6 +18,8 @@ import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, NamedTuple, Sequence, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
 
 from papeft.config_checks import Check, ConfigError, at_least, make_config, one_of
 
@@ -182,12 +185,11 @@ def get_task(name: str) -> Task:
 
 
 def plain_mapping(values: Any) -> dict:
-    """A task config as a plain dict: an OmegaConf node resolved to containers, a mapping copied."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-    except ImportError:  # pragma: no cover
-        return dict(values)
-    return OmegaConf.to_container(values, resolve=True) if isinstance(values, DictConfig) else dict(values)
+    """A task config as a plain dict: an OmegaConf node resolved to containers, a config dataclass as
+    its fields, a mapping copied."""
+    if isinstance(values, DictConfig):
+        return OmegaConf.to_container(values, resolve=True)
+    return dataclasses.asdict(values) if dataclasses.is_dataclass(values) else dict(values)
 
 
 # ---------------------------------------------------------------------------- readers
