@@ -66,3 +66,10 @@ def within_float32_ulps(a: torch.Tensor, b: torch.Tensor, ulps: int = 64) -> Non
     counted twice or a row given another tenant's weights moves values by orders of magnitude more."""
     scale = max(a.abs().max().item(), b.abs().max().item(), 1e-30)
     torch.testing.assert_close(a, b, rtol=0, atol=ulps * torch.finfo(torch.float32).eps * scale)
+
+
+def task_config(name: str):
+    """configs/task/{name}.yaml as the run composes it (its defaults list merged in), as a DictConfig."""
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return compose("config", overrides=[f"task={name}"]).task

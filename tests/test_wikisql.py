@@ -9,7 +9,8 @@ import pytest
 
 from papeft.tasks.base import DataError
 from papeft.tasks.sql_sandbox import SandboxLimits, TableSandbox, same_result
-from papeft.tasks.wikisql import TEMPLATE, WikiSQLTask, extract_sql, read_questions, unique_columns
+from papeft.tasks.wikisql import TEMPLATE, WikiSQLTask, extract_sql
+from papeft.tasks.wikisql_rows import read_questions, unique_columns
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 DEV_ONLY = {"split_protocol": "dev_only"}

@@ -1,6 +1,10 @@
-"""Core of the task registry: examples, splits, the registry, file readers, split and metric helpers.
+"""Core of the task registry: examples, splits, the typed task config, the loading template, the
+registry, file readers, split and metric helpers.
 
-All of it is task-agnostic; `superglue.PromptTask` builds the concrete tasks out of these pieces.
+Every task loads the same way (`Task.load`): its config is checked (`TaskConfig`, unknown keys are
+errors), the family draws train/dev/test (`Task.draw`: how to read rows, how to build an Example,
+which split protocol), then `max_*_samples` cap each split and the notes say so. `prompt_task.PromptTask`
+is the family of the tasks read from official files or the Hub and filled into a prompt template.
 """
 from __future__ import annotations
 
@@ -15,11 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, NamedTuple, Sequence, TypeVar
 
-from papeft.config_checks import Check, at_least, make_config, one_of
+from omegaconf import DictConfig, OmegaConf
+
+from papeft.config_checks import Check, ConfigError, at_least, make_config, one_of
 
 T = TypeVar("T")
 
 DATA_ROOT_HINT = "set data.root=/path/to/data or the env var PAPEFT_DATA (e.g. PAPEFT_DATA=../shared/data)"
+SPLIT_PROTOCOLS = ("paper", "dev_only")  # paper: PARADE Appendix B | dev_only: carved from the validation file
+SOURCES = ("local", "hub")               # official files under the data root | Hugging Face datasets
+DEFAULT_SPLIT_SEED = 1234
 
 
 class DataError(RuntimeError):
@@ -52,32 +61,78 @@ class TaskConfig:
     (`Task.config_cls`). Unknown keys, wrong types and values outside `CHECKS` are errors naming the key."""
 
     name: str
-    split_protocol: str = "paper"            # paper | dev_only (which a task supports: its loader says)
-    split_seed: int = 1234                   # seed of every split shuffle; never the run seed
+    split_protocol: str = "paper"            # paper | dev_only (which a task supports: its CHECKS say)
+    split_seed: int = DEFAULT_SPLIT_SEED     # seed of every split shuffle; never the run seed
     source: str = "local"                    # local: official files under the data root | hub
     max_train_samples: int | None = None     # cap train after splitting; null = all
     max_eval_samples: int | None = None      # cap dev and test each; null = all
     max_new_tokens: int = 16                 # generation budget of a response
 
     CHECKS: ClassVar[dict[str, Check]] = {
-        "name": Check("a non-empty string", lambda v: bool(v.strip())), "split_protocol": one_of("paper", "dev_only"),
-        "source": one_of("local", "hub"), "max_train_samples": at_least(1), "max_eval_samples": at_least(1),
+        "name": Check("a non-empty string", lambda v: bool(v.strip())), "split_protocol": one_of(*SPLIT_PROTOCOLS),
+        "source": one_of(*SOURCES), "max_train_samples": at_least(1), "max_eval_samples": at_least(1),
         "max_new_tokens": at_least(1)}
 
 
+def paper_only(why: str) -> Check:
+    """The split_protocol check of a task with one protocol; `why` says what its splits are."""
+    return Check(f"'paper' ({why})", lambda v: v == "paper")
+
+
+class Drawn(NamedTuple):
+    """A task's train/dev/test before the caps, the notes on how they were drawn, and the files (or
+    hub ids) they came from, for the error when a split ends up empty."""
+
+    train: list[Example]
+    dev: list[Example]
+    test: list[Example]
+    notes: list[str]
+    sources: list[Any]
+
+
 class Task:
-    """Base class of a task: a name, a metric, a loader and a scorer."""
+    """Base class of a task: a name, a metric, a typed config, a loader and a scorer.
+
+    A family implements `draw` (read the rows, build the Examples, apply its split protocol);
+    `load` is the one template around it: config checked, caps applied, notes written."""
 
     name: str = ""
     metric: str = "accuracy"
     config_cls: type = TaskConfig
+    # the wording of the cap notes, as each family's results have always said it
+    cap_how = " (first {limit} of a split_seed shuffle)"  # how a capped split is chosen ("" to leave it unsaid)
+    test_unit = ""                                          # what the test set counts, e.g. " MRs"
+    full_test_set = "the full test set"                     # what a capped test set is not
 
     def parse_config(self, values: Mapping[str, Any]) -> TaskConfig:
-        """The task config (configs/task/*.yaml as a mapping), every key type- and range-checked."""
-        return make_config(self.config_cls, dict(values), where="task")
+        """The task config (configs/task/*.yaml as a mapping; `name` defaults to the task's), every key
+        type- and range-checked; an error names the task, the key, the value and what is allowed."""
+        try:
+            return make_config(self.config_cls, {"name": self.name, **plain_mapping(values)}, where="task")
+        except ConfigError as exc:
+            raise ConfigError(f"task {self.name}: {exc}") from None
 
     def load(self, cfg: Any, data_root: str | None) -> Splits:
-        """Return the train/dev/test splits described by the task config `cfg`."""
+        """Train/dev/test described by the task config `cfg` (a `config_cls`, or a mapping `parse_config`
+        checks): drawn by the family, then each capped to `max_*_samples` (the first N of a split_seed
+        shuffle), with notes saying so; a split left empty is a DataError naming the sources."""
+        config = cfg if isinstance(cfg, self.config_cls) else self.parse_config(cfg)
+        drawn = self.draw(config, data_root)
+        seed, max_train, max_eval = config.split_seed, config.max_train_samples, config.max_eval_samples
+        notes = list(drawn.notes)
+        if max_train is not None and max_train < len(drawn.train):
+            notes.append(f"max_train_samples={max_train}: train capped from {len(drawn.train)} examples"
+                         + self.cap_how.format(limit=max_train))
+        if max_eval is not None and max_eval < max(len(drawn.dev), len(drawn.test)):
+            notes.append(f"max_eval_samples={max_eval}: dev ({len(drawn.dev)}) and test ({len(drawn.test)}"
+                         f"{self.test_unit}) each capped{self.cap_how.format(limit=max_eval)}; "
+                         f"test is not {self.full_test_set}")
+        splits = Splits(cap(drawn.train, max_train, seed), cap(drawn.dev, max_eval, seed),
+                        cap(drawn.test, max_eval, seed), notes)
+        return require_examples(splits, self.name, drawn.sources)
+
+    def draw(self, config: TaskConfig, data_root: str | None) -> Drawn:
+        """The uncapped train/dev/test of the checked `config` (each family says how)."""
         raise NotImplementedError
 
     def score(self, predictions: list[str], examples: list[Example]) -> float:
@@ -129,15 +184,12 @@ def get_task(name: str) -> Task:
     return TASKS[key]
 
 
-def cfg_value(cfg: Any, key: str, default: Any = None) -> Any:
-    """`cfg.get(key, default)` for a TaskConfig, a DictConfig, a dict or None; a null value gives `default`."""
-    if cfg is None:
-        value = None
-    elif dataclasses.is_dataclass(cfg):
-        value = getattr(cfg, key, None)
-    else:
-        value = cfg.get(key)
-    return default if value is None else value
+def plain_mapping(values: Any) -> dict:
+    """A task config as a plain dict: an OmegaConf node resolved to containers, a config dataclass as
+    its fields, a mapping copied."""
+    if isinstance(values, DictConfig):
+        return OmegaConf.to_container(values, resolve=True)
+    return dataclasses.asdict(values) if dataclasses.is_dataclass(values) else dict(values)
 
 
 # ---------------------------------------------------------------------------- readers
@@ -295,15 +347,6 @@ def cap(items: Sequence[T], limit: int | None, seed: int) -> list[T]:
     if limit is None or limit >= len(items):
         return list(items)
     return shuffled(items, seed)[:limit]
-
-
-def check_limit(name: str, value: Any) -> int | None:
-    """Validate a max_*_samples config value: null or a positive integer (0 would leave a split empty)."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"task.{name}={value!r}: expected null or an integer >= 1")
-    return value
 
 
 # ---------------------------------------------------------------------------- metric

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
-from .base import (DATA_ROOT_HINT, DataError, Example, RawRow, Splits, bad_row, cap, cfg_value, check_limit,
-                   no_rows, read_jsonl, register_task, require_examples, resolve_task_dir, text_lines)
+from ..config_checks import Check
+from .base import (DATA_ROOT_HINT, DataError, Drawn, Example, RawRow, TaskConfig, bad_row, no_rows, paper_only,
+                   read_jsonl, register_task, resolve_task_dir, text_lines)
 from .metrics import GSM8K_MARKER, corpus_bleu, final_number_accuracy, gold_final_number, rouge_l
-from .superglue import DEFAULT_SPLIT_SEED, SOURCES, PromptTask
+from .prompt_task import PromptTask
 
 Record = tuple[str, Mapping[str, Any]]  # (where it came from, for error messages; the record)
 Scorer = Callable[[Sequence[str], Sequence[Example]], dict[str, float]]
@@ -192,6 +194,14 @@ def group_references(examples: Sequence[Example]) -> list[Example]:
             for rows in groups.values()]
 
 
+@dataclass
+class E2EConfig(TaskConfig):
+    """configs/task/e2e.yaml: the shared task keys; the official files fix the splits, so only `paper`."""
+
+    CHECKS: ClassVar[dict[str, Check]] = {**TaskConfig.CHECKS, "split_protocol": paper_only(
+        "e2e has official train/dev/test files, so only task.split_protocol=paper applies")}
+
+
 class E2ETask(FreeTextTask):
     """E2E NLG under its official splits: train and dev are (MR, reference) rows; the test set is one
     example per unique MR whose answers are all its references (4,693 rows -> 630 MRs).
@@ -199,6 +209,8 @@ class E2ETask(FreeTextTask):
     Our reading: dev stays one example per row (4,672, the paper's count): it only gives the dev loss."""
 
     COLUMNS = ("mr", "ref")
+    config_cls = E2EConfig
+    test_unit = " MRs"
 
     def read_records(self, path: Path) -> list[Record]:
         return read_csv_records(path, self.COLUMNS)
@@ -215,36 +227,17 @@ class E2ETask(FreeTextTask):
         refs = record.get("references") or [record.get("human_reference") or record.get("target")]
         return [(where, {"mr": mr, "answers": refs})]
 
-    def load(self, cfg: Any, data_root: str | None) -> Splits:
-        """The official train/dev/test files (or hub splits), capped as `PromptTask.load` caps."""
-        protocol = cfg_value(cfg, "split_protocol", "paper")
-        source = cfg_value(cfg, "source", "local")
-        seed = int(cfg_value(cfg, "split_seed", DEFAULT_SPLIT_SEED))
-        max_train = check_limit("max_train_samples", cfg_value(cfg, "max_train_samples"))
-        max_eval = check_limit("max_eval_samples", cfg_value(cfg, "max_eval_samples"))
-        if protocol != "paper":
-            raise ValueError(f"{self.name} has official train/dev/test files, so only task.split_protocol=paper "
-                             f"applies, got {protocol!r}")
-        if source not in SOURCES:
-            raise ValueError(f"task.source must be one of {SOURCES}, got {source!r}")
+    def draw(self, config: TaskConfig, data_root: str | None) -> Drawn:
+        """The official train/dev/test files (or hub splits); the test set grouped by MR."""
         roles = ("train", "validation", "test")
-        if source == "hub":
+        if config.source == "hub":
             loaded, where = self.load_hub()
             train, dev, test = (self._hub_split(loaded, where, role) for role in roles)
             sources = [where]
         else:
             train, dev, test = (self.read_local(data_root, role) for role in roles)
             sources = [self.official_file(data_root, role) for role in roles]
-        test = group_references(test)
-        notes = []
-        if max_train is not None and max_train < len(train):
-            notes.append(f"max_train_samples={max_train}: train capped from {len(train)} examples "
-                         f"(first {max_train} of a split_seed shuffle)")
-        if max_eval is not None and max_eval < max(len(dev), len(test)):
-            notes.append(f"max_eval_samples={max_eval}: dev ({len(dev)}) and test ({len(test)} MRs) each "
-                         f"capped (first {max_eval} of a split_seed shuffle); test is not the full test set")
-        splits = Splits(cap(train, max_train, seed), cap(dev, max_eval, seed), cap(test, max_eval, seed), notes)
-        return require_examples(splits, self.name, sources)
+        return Drawn(train, dev, group_references(test), [], sources)
 
 
 E2E = register_task(E2ETask(

@@ -1,4 +1,4 @@
-"""The GLUE tasks SST-2 and QNLI (PARADE, Appendix C templates), built from the shared `PromptTask` loader.
+"""The GLUE tasks SST-2 and QNLI (PARADE, Appendix C templates) as `PromptTask`s.
 
 Both are large datasets, so under the paper protocol 1,000 rows of the official train file
 (split_seed shuffle) become the dev set, the rest is train, and the official dev.tsv is the test set.
@@ -7,7 +7,8 @@ QNLI's train.tsv is not in shared/data (over 4 MiB): use task.split_protocol=dev
 from __future__ import annotations
 
 from .base import register_task
-from .superglue import PromptTask
+from .prompt_task import PromptTask
+from .superglue import NLI_LABEL_WORDS, nli_template
 
 SST2_DEV_FROM_TRAIN = 1000
 QNLI_DEV_FROM_TRAIN = 1000
@@ -22,9 +23,6 @@ SST2 = register_task(PromptTask(
 # the RTE template (the paper gives one for both NLI tasks): sentence 1 = question, 2 = sentence
 QNLI = register_task(PromptTask(
     "qnli", train_file="train.tsv", val_file="dev.tsv",
-    template="sentence 1: {question}\nsentence 2: {sentence}\n"
-             "Are sentence 1 and sentence 2 have entailment relation or not?",
-    label_words={"entailment": "entailment", "not_entailment": "not entailment",
-                 0: "entailment", 1: "not entailment"},  # hub ClassLabel order
+    template=nli_template("question", "sentence"), label_words=NLI_LABEL_WORDS,
     dev_from_train=QNLI_DEV_FROM_TRAIN,
     hub_ids=[("glue", "qnli"), ("nyu-mll/glue", "qnli")]))

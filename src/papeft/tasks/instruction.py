@@ -30,16 +30,13 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 from . import metrics
-from ..config_checks import Check, between, one_of
+from ..config_checks import Check, between
 from .judge import Judge, judge_summary, make_judge, validate_judge_config
-from .base import (DATA_ROOT_HINT, DataError, Evaluation, Example, RawRow, Splits, Task, TaskConfig, bad_row, cap,
-                   carve, cfg_value, check_limit, no_rows, read_jsonl, read_text, register_task, require_examples,
-                   resolve_task_dir)
+from .base import (DATA_ROOT_HINT, DataError, Drawn, Evaluation, Example, RawRow, Task, TaskConfig, bad_row, carve,
+                   no_rows, paper_only, read_jsonl, read_text, register_task, resolve_task_dir)
 
 ALPACA_DIR, DEFAULT_TRAIN_FILE, ALPACA_HUB = "alpaca", "alpagasus_random_9k.json", "yahma/alpaca-cleaned"
 MT_BENCH_DIR, QUESTION_FILE, REFERENCE_FILE = "mt_bench", "question.jsonl", "reference_answer/gpt-4.jsonl"
-SOURCES = ("local", "hub")
-DEFAULT_SPLIT_SEED = 1234
 SUBSET_NOTE = ("Alpaca training data = alpaca/alpagasus_random_9k.json: a random 9,229-item subset of the ORIGINAL "
                "52k Alpaca (AlpaGasus' random-9k set), NOT the cleaned 51k set (yahma/alpaca-cleaned) the paper "
                "used; results are not comparable to the paper's")
@@ -55,7 +52,8 @@ class AlpacaMTBenchConfig(TaskConfig):
     judge: dict | None = None                # the top-level judge config (configs/judge/*.yaml)
 
     CHECKS: ClassVar[dict[str, Check]] = {
-        **TaskConfig.CHECKS, "split_protocol": one_of("paper"),
+        **TaskConfig.CHECKS, "split_protocol": paper_only("alpaca_mtbench has one split protocol: dev = "
+                                                          "dev_fraction of the training items, test = MT-Bench"),
         "train_file": Check("a non-empty file name", lambda v: bool(v.strip())),
         "dev_fraction": between(0, 1, low_open=True, high_open=True)}
 
@@ -184,51 +182,35 @@ class InstructionTask(Task):
     name = "alpaca_mtbench"
     metric = "judge_score"
     config_cls = AlpacaMTBenchConfig
+    cap_how, full_test_set = "", "all of MT-Bench"
 
     def __init__(self) -> None:
         self.judge_cfg: dict | None = None
         self.judge: Judge | None = None
 
-    def load(self, cfg: Any, data_root: str | None) -> Splits:
-        source = cfg_value(cfg, "source", "local")
-        if source not in SOURCES:
-            raise ValueError(f"task.source must be one of {SOURCES}, got {source!r}")
-        if cfg_value(cfg, "split_protocol", "paper") != "paper":
-            raise ValueError("alpaca_mtbench has one split protocol: task.split_protocol=paper "
-                             "(dev = dev_fraction of the training items, test = MT-Bench)")
-        seed = int(cfg_value(cfg, "split_seed", DEFAULT_SPLIT_SEED))
-        dev_fraction = float(cfg_value(cfg, "dev_fraction", 0.02))
-        if not 0.0 < dev_fraction < 1.0:
-            raise ValueError(f"task.dev_fraction must be between 0 and 1, got {dev_fraction}")
-        max_train = check_limit("max_train_samples", cfg_value(cfg, "max_train_samples"))
-        max_eval = check_limit("max_eval_samples", cfg_value(cfg, "max_eval_samples"))
-        self.judge_cfg = _plain(cfg_value(cfg, "judge"))
+    def draw(self, config: AlpacaMTBenchConfig, data_root: str | None) -> Drawn:
+        """dev = `dev_fraction` of the Alpaca items (a split_seed shuffle), train = the rest, test = MT-Bench."""
+        self.judge_cfg = config.judge
         validate_judge_config(self.judge_cfg)
         self.metric = "judge_score" if self.judge_cfg.get("enabled", True) else "rouge_l"
 
-        rows, notes = self._alpaca_rows(cfg, source, data_root)
+        rows, notes = self._alpaca_rows(config, data_root)
         items = [alpaca_example(row, "train") for row in rows]
         examples = [e for e in items if e is not None]
         if len(examples) < len(items):
             notes.append(f"{len(items) - len(examples)} Alpaca items with an empty output dropped")
+        seed, dev_fraction = config.split_seed, config.dev_fraction
         dev, train = carve(examples, max(1, round(len(examples) * dev_fraction)), seed)
         test = read_mt_bench(resolve_task_dir(data_root, MT_BENCH_DIR))
         notes.append(f"dev = {len(dev)} Alpaca items ({dev_fraction:.0%}, split_seed={seed}); "
                      f"test = the {len(test)} MT-Bench questions, 2 turns each")
         notes.append(judge_summary(self.judge_cfg))
-        if max_train is not None and max_train < len(train):
-            notes.append(f"max_train_samples={max_train}: train capped from {len(train)} examples")
-        if max_eval is not None and max_eval < max(len(dev), len(test)):
-            notes.append(f"max_eval_samples={max_eval}: dev ({len(dev)}) and test ({len(test)}) each capped; "
-                         f"test is not all of MT-Bench")
-        splits = Splits(cap(train, max_train, seed), cap(dev, max_eval, seed), cap(test, max_eval, seed), notes)
-        sources = [ALPACA_HUB if source == "hub" else resolve_task_dir(data_root, ALPACA_DIR) /
-                   str(cfg_value(cfg, "train_file", DEFAULT_TRAIN_FILE)), resolve_task_dir(data_root, MT_BENCH_DIR) /
-                   QUESTION_FILE]
-        return require_examples(splits, self.name, sources)
+        alpaca = (ALPACA_HUB if config.source == "hub"
+                  else resolve_task_dir(data_root, ALPACA_DIR) / config.train_file)
+        return Drawn(train, dev, test, notes, [alpaca, resolve_task_dir(data_root, MT_BENCH_DIR) / QUESTION_FILE])
 
-    def _alpaca_rows(self, cfg: Any, source: str, data_root: str | None) -> tuple[list[RawRow], list[str]]:
-        if source == "hub":
+    def _alpaca_rows(self, config: AlpacaMTBenchConfig, data_root: str | None) -> tuple[list[RawRow], list[str]]:
+        if config.source == "hub":
             import datasets
 
             try:
@@ -239,7 +221,7 @@ class InstructionTask(Task):
             rows = [RawRow(f"hub dataset {ALPACA_HUB}, split train: row {i + 1}", i, dict(d))
                     for i, d in enumerate(loaded["train"])]
             return rows, [f"Alpaca training data = {ALPACA_HUB} from the Hugging Face Hub (the paper's cleaned set)"]
-        name = str(cfg_value(cfg, "train_file", DEFAULT_TRAIN_FILE))
+        name = config.train_file
         path = resolve_task_dir(data_root, ALPACA_DIR) / name
         if not path.is_file():
             raise DataError(f"{path} is missing; put an Alpaca JSON list there (task.train_file names it) "
@@ -309,15 +291,6 @@ def _chat(turns: Sequence[str], answers: Sequence[str]) -> str | list[dict]:
     for question, answer in zip(turns, answers):
         chat += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     return chat + [{"role": "user", "content": turns[-1]}]
-
-
-def _plain(value: Any) -> Any:
-    """An OmegaConf node as plain Python containers (other values unchanged)."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-    except ImportError:  # pragma: no cover
-        return value
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
 
 
 ALPACA_MTBENCH = register_task(InstructionTask())

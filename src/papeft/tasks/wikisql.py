@@ -32,26 +32,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 from ..config_checks import Check, above, at_least, one_of
-from .base import (DATA_ROOT_HINT, DataError, Evaluation, Example, RawRow, Splits, Task, TaskConfig, bad_row, cap,
-                   carve, cfg_value, check_limit, read_jsonl, register_task, require_examples, resolve_task_dir)
-from .sql_sandbox import SQL_TYPES, SandboxLimits, TableSandbox, quote_identifier, same_result
+from .base import (DATA_ROOT_HINT, DataError, Drawn, Evaluation, Example, RawRow, Task, TaskConfig, bad_row, carve,
+                   register_task, resolve_task_dir)
+from .sql_sandbox import SandboxLimits, same_result
 from .sql_worker import SandboxWorker, TableSpec
+from .wikisql_rows import HUB_ID, Query, Table, hub_rows, hub_tables, load_hub, parse_query, read_questions, read_tables
 
-AGG_OPS = ("", "MAX", "MIN", "COUNT", "SUM", "AVG")
-COND_OPS = ("=", ">", "<", "OP")  # "OP" is WikiSQL's unused placeholder: refused
-TABLE_NAME = "t"
 TEMPLATE = ("Answer the following query by writing a SQL query on the given table:\n{question}\n"
             "Table information:\n{table_info}.")
-SPLIT_PROTOCOLS = ("paper", "dev_only")
-SOURCES = ("local", "hub")
 TABLE_SOURCES = ("auto", "local", "hub")
-HUB_ID = "Salesforce/wikisql"
-HUB_ATTEMPTS: tuple[tuple[str, dict], ...] = ((HUB_ID, {}), (HUB_ID, {"revision": "refs/convert/parquet"}))
-HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
-DEFAULT_SPLIT_SEED = 1234
 TABLES_HINT = ("get the official tables from the WikiSQL release (github.com/salesforce/WikiSQL, "
                "data.tar.bz2) and put {split}.tables.jsonl next to {split}.jsonl, or, with network access, "
                f"set task.tables=hub (or task.source=hub) to read them from the Hugging Face Hub ({HUB_ID})")
@@ -69,54 +61,6 @@ class WikiSQLConfig(TaskConfig):
                                           "sql_timeout_s": above(0.0), "sql_max_rows": at_least(1)}
 
 
-def is_cell(value: Any) -> bool:
-    """A table cell or condition value: text or a number (never a bool, list or object)."""
-    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
-
-
-def is_index(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True)
-class Table:
-    """One WikiSQL table: column names (made unique), types ("text" | "real") and rows."""
-
-    id: str
-    columns: tuple[str, ...]
-    types: tuple[str, ...]
-    rows: tuple[tuple[Any, ...], ...]
-
-    def info(self) -> str:
-        """The prompt's table information: table name, then each quoted column with its type."""
-        cols = ", ".join(f"{quote_identifier(c)} ({t})" for c, t in zip(self.columns, self.types))
-        return f"table {TABLE_NAME}, columns: {cols}"
-
-    def sandbox(self, limits: SandboxLimits | None = None) -> TableSandbox:
-        """The table in an in-process sandbox (evaluation uses `spec()` in a `SandboxWorker`)."""
-        return TableSandbox(TABLE_NAME, self.columns, self.types, self.rows, limits)
-
-    def spec(self) -> TableSpec:
-        return TableSpec(self.id, TABLE_NAME, self.columns, self.types, self.rows)
-
-
-@dataclass(frozen=True)
-class Query:
-    """WikiSQL's structured SQL: selected column, aggregation, conditions (column, op, value)."""
-
-    sel: int
-    agg: int
-    conds: tuple[tuple[int, int, Any], ...]
-
-    def to_sql(self, table: Table) -> str:
-        """The gold SQL string over table `t` (see the module docstring for value rendering)."""
-        column = quote_identifier(table.columns[self.sel])
-        select = f"{AGG_OPS[self.agg]}({column})" if self.agg else column
-        where = [f"{quote_identifier(table.columns[c])} {COND_OPS[o]} {sql_literal(v, table.types[c])}"
-                 for c, o, v in self.conds]
-        return f"SELECT {select} FROM {TABLE_NAME}" + (f" WHERE {' AND '.join(where)}" if where else "")
-
-
 @dataclass(frozen=True)
 class WikiSQLExample(Example):
     """An Example that also carries its table and structured gold query."""
@@ -125,140 +69,10 @@ class WikiSQLExample(Example):
     query: Query
 
 
-def as_number(value: Any) -> int | float | None:
-    """`value` as a number when it reads as one ("1,234" -> 1234, "2.5" -> 2.5), else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return value
-    try:
-        number = float(str(value).replace(",", "").strip())
-    except ValueError:
-        return None
-    return int(number) if number.is_integer() and abs(number) < 2**53 else number
-
-
-def sql_literal(value: Any, column_type: str) -> str:
-    """A condition value as an SQL literal: a number on a real column when it reads as one, else a string."""
-    number = as_number(value) if column_type == "real" else None
-    if number is not None and number == number:  # not NaN
-        return repr(number)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = repr(value) if isinstance(value, float) else str(value)
-    return "'" + str(value).replace("'", "''") + "'"
-
-
-def unique_columns(header: Sequence[str]) -> tuple[str, ...]:
-    """Header names made usable as SQLite columns: blanks -> col{i}; repeats (any case) -> name_2, ..."""
-    seen: set[str] = set()
-    out = []
-    for i, raw in enumerate(header):
-        base = str(raw).strip() or f"col{i}"
-        name, k = base, 2
-        while name.lower() in seen:
-            name, k = f"{base}_{k}", k + 1
-        seen.add(name.lower())
-        out.append(name)
-    return tuple(out)
-
-
 def extract_sql(text: str) -> str:
     """The SQL inside a model's answer: the first ``` fenced block if there is one, else the text."""
     fenced = re.search(r"```[ \t]*(?:sql|sqlite)?[ \t]*\n?(.*?)(?:```|$)", text, flags=re.S | re.I)
     return (fenced.group(1) if fenced else text).strip()
-
-
-# ---------------------------------------------------------------------------- parsing rows
-
-
-def parse_table(data: Mapping[str, Any], where: str) -> Table:
-    """A Table from an official `tables.jsonl` row (or the hub's `table` field)."""
-    expected = "a table {id, header: [str], types: ['text'|'real'], rows: [[cell, ...]]}"
-    header, types, rows = data.get("header"), data.get("types"), data.get("rows")
-    if not isinstance(data.get("id"), str) or not isinstance(header, list) or not isinstance(types, list) \
-            or not isinstance(rows, list):
-        raise bad_row(where, f"keys {sorted(data)}", expected)
-    if not all(isinstance(h, str) for h in header):
-        raise bad_row(where, f"field 'header' holds {[type(h).__name__ for h in header]}", expected)
-    types = [str(t).lower() for t in types]
-    if len(types) != len(header) or any(t not in SQL_TYPES for t in types):
-        raise bad_row(where, f"types {types} for {len(header)} columns", expected)
-    bad = next((i for i, r in enumerate(rows) if not isinstance(r, list) or len(r) != len(header)), None)
-    if bad is not None:
-        raise bad_row(where, f"row {bad} does not have {len(header)} cells", expected)
-    odd = next(((i, c) for i, r in enumerate(rows) for c in r if not is_cell(c)), None)
-    if odd is not None:
-        raise bad_row(where, f"field 'rows': row {odd[0]} holds a {type(odd[1]).__name__} cell {odd[1]!r}",
-                      "cells that are text or numbers")
-    return Table(data["id"], unique_columns(header), tuple(types), tuple(tuple(r) for r in rows))
-
-
-def parse_query(sql: Any, table: Table, where: str) -> Query:
-    """A Query from an official `sql` field (conds as triples) or the hub's (conds as parallel lists)."""
-    expected = "sql {sel: int, agg: 0-5, conds: [[column, op 0-2, value], ...]} within the table's columns"
-    if not isinstance(sql, Mapping):
-        raise bad_row(where, f"sql is {type(sql).__name__}", expected)
-    conds = sql.get("conds", [])
-    if isinstance(conds, Mapping):  # hub layout: {column_index: [...], operator_index: [...], condition: [...]}
-        conds = list(zip(conds.get("column_index", []), conds.get("operator_index", []), conds.get("condition", [])))
-    n = len(table.columns)
-    ok = (is_index(sql.get("sel")) and 0 <= sql["sel"] < n and is_index(sql.get("agg"))
-          and 0 <= sql["agg"] < len(AGG_OPS) and isinstance(conds, list)
-          and all(isinstance(c, (list, tuple)) and len(c) == 3 and is_index(c[0]) and 0 <= c[0] < n
-                  and is_index(c[1]) and 0 <= c[1] < 3 and is_cell(c[2]) for c in conds))
-    if not ok:
-        raise bad_row(where, f"sql {sql!r} (table {table.id} has {n} columns)", expected)
-    return Query(sql["sel"], sql["agg"], tuple((c, o, v) for c, o, v in conds))
-
-
-def read_questions(path: Path) -> list[RawRow]:
-    """The rows of an official question file, each checked for table_id, question and sql."""
-    if not path.is_file():
-        raise DataError(f"{path} is missing; expected the official WikiSQL question file there; {DATA_ROOT_HINT}")
-    rows = read_jsonl(path)
-    for row in rows:
-        if not isinstance(row.data.get("table_id"), str) or not isinstance(row.data.get("question"), str) \
-                or not isinstance(row.data.get("sql"), Mapping):
-            raise bad_row(row.where, f"keys {sorted(row.data)}",
-                          "{phase, table_id: str, question: str, sql: {sel, agg, conds}}")
-    return rows
-
-
-def read_tables(path: Path) -> dict[str, Table]:
-    """Tables by id from an official `{split}.tables.jsonl`."""
-    return {t.id: t for t in (parse_table(r.data, r.where) for r in read_jsonl(path))}
-
-
-def load_hub(failures: list[str]) -> Any | None:
-    """The WikiSQL DatasetDict from the Hugging Face Hub (needs network or cache); None on failure."""
-    import datasets
-
-    for path, kwargs in HUB_ATTEMPTS:
-        try:
-            return datasets.load_dataset(path, **kwargs)
-        except Exception as exc:  # noqa: BLE001  (no network, script-based dataset, ...: try the next)
-            failures.append(f"{path} {kwargs or ''}: {type(exc).__name__}: {exc}".strip())
-    return None
-
-
-def hub_rows(loaded: Any, role: str) -> list[RawRow]:
-    """Hub rows of one split as official-format question rows (the table stays in `table`)."""
-    split = HUB_SPLITS[role]
-    if split not in loaded:
-        raise DataError(f"hub dataset {HUB_ID} has no {split!r} split (it has {list(loaded)})")
-    return [RawRow(f"hub dataset {HUB_ID}, split {split}: row {i + 1}", i,
-                   {**dict(data), "table_id": dict(data.get("table") or {}).get("id")})
-            for i, data in enumerate(loaded[split])]
-
-
-def hub_tables(rows: Sequence[RawRow]) -> dict[str, Table]:
-    """Tables by id from hub rows (each question row embeds its table)."""
-    tables: dict[str, Table] = {}
-    for row in rows:
-        table = row.data.get("table")
-        if isinstance(table, Mapping) and table.get("id") not in tables:
-            tables[table["id"]] = parse_table(table, row.where)
-    return tables
 
 
 # ---------------------------------------------------------------------------- the task
@@ -271,26 +85,19 @@ class WikiSQLTask(Task):
     metric = "execution_accuracy"
     task_dir = "wikisql"
     config_cls = WikiSQLConfig
+    cap_how = ""
 
     def __init__(self) -> None:
         self.limits = SandboxLimits()
 
-    def load(self, cfg: Any, data_root: str | None) -> Splits:
-        protocol = cfg_value(cfg, "split_protocol", "paper")
-        source = cfg_value(cfg, "source", "local")
-        tables_from = cfg_value(cfg, "tables", "auto")
-        seed = int(cfg_value(cfg, "split_seed", DEFAULT_SPLIT_SEED))
-        max_train = check_limit("max_train_samples", cfg_value(cfg, "max_train_samples"))
-        max_eval = check_limit("max_eval_samples", cfg_value(cfg, "max_eval_samples"))
-        for key, value, allowed in (("split_protocol", protocol, SPLIT_PROTOCOLS), ("source", source, SOURCES),
-                                    ("tables", tables_from, TABLE_SOURCES)):
-            if value not in allowed:
-                raise ValueError(f"task.{key} must be one of {allowed}, got {value!r}")
-        self.limits = SandboxLimits(timeout_s=float(cfg_value(cfg, "sql_timeout_s", 1.0)),
-                                    max_rows=int(cfg_value(cfg, "sql_max_rows", 10_000)))
+    def draw(self, config: WikiSQLConfig, data_root: str | None) -> Drawn:
+        """Official train/dev/test (paper), or train/dev carved 80/20 from dev (dev_only); tables
+        from `{split}.tables.jsonl` or the hub, as `config.tables` says."""
+        self.limits = SandboxLimits(timeout_s=config.sql_timeout_s, max_rows=config.sql_max_rows)
+        protocol, seed = config.split_protocol, config.split_seed
         roles = ("train", "dev", "test") if protocol == "paper" else ("dev", "test")
         notes: list[str] = []
-        if source == "hub":
+        if config.source == "hub":
             failures: list[str] = []
             loaded = load_hub(failures)
             if loaded is None:
@@ -303,7 +110,7 @@ class WikiSQLTask(Task):
                 found[role] = [self.to_example(row, role, tables.get) for row in rows]
             notes.append(f"WikiSQL questions and tables from the Hugging Face Hub ({HUB_ID})")
         else:
-            found = self._read_local(data_root, roles, protocol, tables_from, notes)
+            found = self._read_local(data_root, roles, protocol, config.tables, notes)
 
         if protocol == "dev_only":
             n_dev = len(found["dev"]) - len(found["dev"]) * 4 // 5
@@ -313,15 +120,9 @@ class WikiSQLTask(Task):
                          f"test ({len(found['test'])}) = the official test set, as in the paper")
         else:
             train, dev = found["train"], found["dev"]
-        test = found["test"]
-        if max_train is not None and max_train < len(train):
-            notes.append(f"max_train_samples={max_train}: train capped from {len(train)} examples")
-        if max_eval is not None and max_eval < max(len(dev), len(test)):
-            notes.append(f"max_eval_samples={max_eval}: dev ({len(dev)}) and test ({len(test)}) each capped; "
-                         f"test is not the full test set")
-        splits = Splits(cap(train, max_train, seed), cap(dev, max_eval, seed), cap(test, max_eval, seed), notes)
-        sources = [HUB_ID] if source == "hub" else [Path(str(data_root)) / self.task_dir / f"{r}.jsonl" for r in roles]
-        return require_examples(splits, self.name, sources)
+        sources = ([HUB_ID] if config.source == "hub"
+                   else [Path(str(data_root)) / self.task_dir / f"{r}.jsonl" for r in roles])
+        return Drawn(train, dev, found["test"], notes, sources)
 
     def _read_local(self, data_root: str | None, roles: Sequence[str], protocol: str, tables_from: str,
                     notes: list[str]) -> dict[str, list[WikiSQLExample]]:

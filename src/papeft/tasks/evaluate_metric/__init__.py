@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from papeft.tasks import TASKS, Example, get_task
-from papeft.tasks.wikisql import Table, WikiSQLExample, parse_table
+from papeft.tasks.wikisql import WikiSQLExample
+from papeft.tasks.wikisql_rows import Table, parse_table
 
 METRIC_PATH = str(Path(__file__).with_name("papeft_task.py"))
 SCORE_NAMES = {"alpaca_mtbench": "rouge_l"}   # the task's `score` there is ROUGE-L; its `metric` is the judge's
