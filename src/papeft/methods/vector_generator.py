@@ -7,15 +7,19 @@ them, and padding and response tokens never enter the pool. For the linear
 poolers (last token, mean) pooling before or after W_down is the same thing,
 so PARA's "pool -> down -> act -> up" is this module with `LastTokenPooler`.
 PEDRO is this module with g = `RationalActivation` (a learnable rational function).
+
+The maths is one function, `generator_vectors`: with the generator's own weights
+(training, `VectorGenerator.forward`) or with one tenant's weights per batch row
+(serving: serving/banks.py stacks many tenants' generators and gathers per row).
 """
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
-
-from functools import partial
 
 from papeft.methods.rational import PAU_GELU_INIT, RationalActivation
 

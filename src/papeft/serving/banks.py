@@ -132,7 +132,7 @@ class VectorBank(Bank):
         self.template = copy.deepcopy(form.generators)    # structure for functional_call; its weights are unused,
         if not list(self.template.buffers()):               # so they go to the meta device (buffers would be read)
             self.template.to("meta")
-        self.modules = sites_by_module(form.sites)          # (module path, side) -> the roles acting there
+        self.module_sites = sites_by_module(form.sites)     # (module path, side) -> the roles acting there
 
     @staticmethod
     def signature(form: PromptVectors) -> tuple:
@@ -147,7 +147,7 @@ class VectorBank(Bank):
         """Its generators run at the call's prefill (`call.prefill_vectors`) into scales that start at 1."""
         call.vector_banks.append((self, None if len(prompts) == call.prompts else prompts, slots))
         for i in range(len(self.template)):
-            for path, side in self.modules:
+            for path, side in self.module_sites:
                 call.scale((i, path, side))
 
     def vectors(self, i: int, h: torch.Tensor, mask: torch.Tensor, slots: torch.Tensor) -> dict[str, torch.Tensor]:

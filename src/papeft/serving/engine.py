@@ -73,6 +73,7 @@ class Result:
         return self.error is None
 
 
+# one bank class per serving form (never per method): a new method with one of these forms needs no change here
 BANKS: dict[type[ServingForm], type[Bank]] = {PromptVectors: VectorBank, StaticScales: StaticBank,
                                                LowRankDeltas: LoraBank, SoftPrompts: SoftPromptBank}
 
@@ -130,7 +131,7 @@ class MultiTenantEngine:
             self._in_peft.add(name)
             return
         if type(form) not in BANKS:
-            raise TenantError(f"tenant '{name}': no bank serves the form {type(form).__name__}")
+            raise ValueError(f"no bank serves the form {type(form).__name__}")
         cls = BANKS[type(form)]
         key = (cls, cls.signature(form))
         if key not in self.banks:
@@ -390,7 +391,7 @@ class _CallHooks:
                 hb, mask = (h, self.pool_mask) if prompts is None else (h[prompts], self.pool_mask[prompts])
                 rows = torch.arange(self.prompts, device=h.device) if prompts is None else prompts
                 vectors = bank.vectors(i, hb, mask, slots)                    # role -> (b, width)
-                for (path, side), sites in bank.modules.items():
+                for (path, side), sites in bank.module_sites.items():
                     s = self.scales[(i, path, side)][:, 0]                    # (P, width) view
                     s[rows] = full_width(sites, vectors, s.shape[1], 1.0).to(s.dtype)
         return hook
