@@ -110,12 +110,11 @@ def random_adapter(hf_config, method_yaml: str, seed: int, directory: Path) -> P
     cfg = OmegaConf.to_container(OmegaConf.load(config_group("method") / f"{method_yaml}.yaml"), resolve=True)
     adapted = build_method(meta_skeleton(hf_config), cfg)
     g = torch.Generator().manual_seed(seed)
-    for name, p in list(adapted.named_parameters()):
-        if not p.requires_grad or ".act." in name:                   # keep PEDRO's rational at its init
-            continue
-        owner, _, leaf = name.rpartition(".")
-        value = torch.randn(p.shape, generator=g) * 0.02 + (1.0 if name.endswith("up.bias") else 0.0)
-        setattr(adapted.get_submodule(owner), leaf, nn.Parameter(value))    # replaces the meta parameter
+    state = adapted.trainable_state_dict()
+    for name, p in state.items():
+        if ".act." not in name:                                      # keep PEDRO's rational at its init
+            state[name] = torch.randn(p.shape, generator=g) * 0.02 + (1.0 if name.endswith("up.bias") else 0.0)
+    adapted.load_trainable_state_dict(state)                         # meta parameters take the tensors
     return adapted.save_adapter(directory)
 
 
@@ -127,8 +126,7 @@ def generate_fixed(engine: MultiTenantEngine, requests: list[Request], args, bea
 
 def tensor_peak_extra(engine: MultiTenantEngine, requests: list[Request], args, beams: int) -> int:
     existing = list(engine.backbone.parameters()) + list(engine.backbone.buffers())
-    existing += [t for bank in engine.banks.values() for t in bank.stack.tensors.values()]
-    existing += [p for t in engine.tenants.values() if getattr(t, "model", None) for p in t.model.parameters()]
+    existing += [t for bank in engine.banks.values() for t in bank.tensors()]
     with TensorPeak(existing) as tracker:
         generate_fixed(engine, requests, args, beams)
     return tracker.peak

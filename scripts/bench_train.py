@@ -125,7 +125,7 @@ def build_trainers(args, methods: list[str], specs: dict) -> dict:
             key = loaded if spec["precision"] == "fp32" else PRECISIONS[spec["precision"]]
             if key not in models:
                 models[key] = build_method(fresh_backbone(args), method_cfg)
-                if hasattr(models[key], "set_tokenizer") and tok is not None:
+                if tok is not None:
                     models[key].set_tokenizer(tok)
             cfg = TrainerConfig(lr=1e-4, warmup_ratio=0.0, max_steps=1, batch_size=args.batch_size,
                                 micro_batch_size=args.micro_batch_size, device=args.device, progress=False,

@@ -7,9 +7,11 @@ import torch
 
 from papeft.serving import MultiTenantEngine, Request, TenantError
 from papeft.serving.engine import _CallHooks
-from papeft.serving.tenants import SlotStack, VectorBank
+from papeft.serving.banks import SlotStack, VectorBank
+from papeft.backbone.architectures import role_sites
 from papeft.methods import build_method
 from papeft.methods.base import ADAPTER_WEIGHTS
+from papeft.methods.serving_form import PromptVectors, StaticScales
 from conftest import TINY, VOCAB, float64, tiny_model, within_float32_ulps
 
 METHODS = {
@@ -277,12 +279,13 @@ def test_prefill_vectors_of_every_row_equal_its_tenants_own(loaded, beams, monke
     requests = [Request(p, t) for p, t in zip(prompts(len(names), seed=11), names)]
     assert all(r.ok for r in engine.generate(requests, max_new_tokens=2, num_beams=beams))
     scales = kept[0]
+    sites = {s.role: s for s in role_sites(engine.backbone, ["q", "k", "v", "up"], scaling=True)}
     for b, req in enumerate(requests):
         x = torch.tensor([req.input_ids])
         for i in range(TINY["llama"]["num_hidden_layers"]):
             want = expected_scales(engine, refs, req.tenant, x, i)            # role -> (width,)
             for role in ("q", "k", "v", "up"):
-                s = scales.get((i, engine.sites[role].path, "out"))           # (P, 1, width) or absent
+                s = scales.get((i, sites[role].path, "out"))                  # (P, 1, width) or absent
                 if s is None:
                     continue
                 if role in want:
@@ -293,10 +296,10 @@ def test_prefill_vectors_of_every_row_equal_its_tenants_own(loaded, beams, monke
 
 def expected_scales(engine, refs, tenant, x, i) -> dict:
     """Layer i's scale per role for a request, from the tenant's own single-tenant model."""
-    kind = engine.tenants[tenant].kind if tenant else "bare"
-    if kind == "vector":
+    form = engine.tenants[tenant].served_as if tenant else None
+    if form is PromptVectors:
         return {role: v[0] for role, v in refs[tenant].prompt_vectors(x)[i].items()}
-    if kind == "static":
+    if form is StaticScales:
         return {s.role: 1 + refs[tenant].vectors[i][s.role]() for s in refs[tenant].sites}
     return {}
 

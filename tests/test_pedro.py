@@ -9,6 +9,7 @@ from papeft.tasks.prompting import Encoded
 from papeft.train.trainer import Trainer, TrainerConfig
 from papeft.methods.base import ADAPTER_WEIGHTS, build_method
 from papeft.methods.pedro import PedroModel
+from papeft.runner.cells import method_figures
 from papeft.methods.rational import PAU_GELU_INIT, RationalActivation
 from conftest import VOCAB, tiny_model
 
@@ -156,7 +157,7 @@ def perturbed_pedro(seed=1):
 
 
 def test_write_artifacts_plots_every_layer_as_png_and_pdf(tmp_path):
-    paths = perturbed_pedro().write_artifacts(tmp_path)
+    paths = method_figures(perturbed_pedro(), tmp_path)
     assert sorted(p.suffix for p in paths) == [".pdf", ".png"]
     assert all(p.parent == tmp_path and p.stat().st_size > 1000 for p in paths)
     png, pdf = sorted(paths, key=lambda p: p.suffix, reverse=True)
@@ -180,11 +181,11 @@ def test_save_and_load_roundtrip_includes_the_coefficients(tmp_path):
 def test_rational_pau_is_a_learnable_bilevel_pedro_variant():
     m = build_method(tiny_model(), {**PEDRO, "activation": "rational_pau"})
     init = torch.tensor(PAU_GELU_INIT[0])
-    assert all(torch.allclose(act.numerator, init) for act in m.rational_activations())
+    assert all(torch.allclose(act.numerator, init) for act in m.learned_activations())
     assert len(m.outer_parameters()) == 2 * len(m.generators)
     cfg = TrainerConfig(progress=False, device="cpu", lr=1e-2, max_steps=2, batch_size=3)
     Trainer(m, cfg, pad_id=0, eos_id=2, seed=0).fit(examples(), [])
-    assert not torch.allclose(m.rational_activations()[0].numerator, init)   # the outer step moved them
+    assert not torch.allclose(m.learned_activations()[0].numerator, init)   # the outer step moved them
 
 
 @pytest.mark.parametrize("val_fraction", [0.25, 0.5])

@@ -20,6 +20,7 @@ from torch import nn
 
 from papeft.config_checks import make_config  # noqa: F401  (re-exported: the runner and tests use it from here)
 from papeft.io import atomic_path, write_json
+from papeft.methods.serving_form import ServingForm
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -108,9 +109,30 @@ class AdaptedModel(nn.Module):
     def on_step_end(self, step: int) -> None:
         """Called after backward and the optimizer step, before zero_grad (AdaLoRA's rank allocation)."""
 
-    def write_artifacts(self, run_dir: Path) -> list[Path]:
-        """Method-specific outputs next to a finished run's results (PEDRO's activation plot)."""
+    def resume_state(self) -> dict[str, torch.Tensor]:
+        """Method state beyond the weights that a resumed run needs (AdaLoRA's importance scores)."""
+        return {}
+
+    def load_resume_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what `resume_state` returned."""
+
+    # ---- hooks the runner and the server call ----
+    def set_tokenizer(self, tokenizer) -> None:
+        """The backbone's tokenizer, for methods that read the prompt as text (LoPA's MiniLM encoder)."""
+
+    def learned_activations(self) -> list[nn.Module]:
+        """Per-layer learned activation functions, layer 0 first (PEDRO's rational units); the runner
+        plots them against GELU next to the run's results (PEDRO Figure 2). []: none."""
         return []
+
+    def serving_form(self, backbone: nn.Module) -> ServingForm | None:
+        """How a multi-tenant server applies this adapter (methods/serving_form.py); None: not servable.
+
+        `self` may sit on a weightless (meta-device) skeleton of `backbone`, the serving backbone,
+        with the adapter's weights loaded; a form that reads the backbone binds to `backbone` and
+        never changes it.
+        """
+        return None
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
@@ -122,12 +144,18 @@ class AdaptedModel(nn.Module):
             missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
             raise ValueError(f"adapter weights do not match method '{self.method}': "
                              f"missing {missing[:3]}, unexpected {extra[:3]}")
+        for name, tensor in state.items():
+            if params[name].shape != tensor.shape:
+                raise ValueError(f"adapter tensor '{name}' has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(params[name].shape)}")
         with torch.no_grad():
             for name, tensor in state.items():
-                if params[name].shape != tensor.shape:
-                    raise ValueError(f"adapter tensor '{name}' has shape {tuple(tensor.shape)}, "
-                                     f"expected {tuple(params[name].shape)}")
-                params[name].copy_(tensor)
+                if not params[name].is_meta:
+                    params[name].copy_(tensor)
+        # on a weightless skeleton (meta device, serving) the saved tensors become the parameters
+        meta = {n: t for n, t in state.items() if params[n].is_meta}
+        if meta:
+            self.load_state_dict(meta, strict=False, assign=True)
 
     def param_counts(self) -> dict[str, int]:
         """Tunable parameters with and without bias vectors (the papers' tables count weights only)."""

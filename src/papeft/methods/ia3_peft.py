@@ -33,9 +33,9 @@ from peft.utils import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as PEFT
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from papeft.backbone.architectures import ROLE_PATHS, decoder_layers, model_type
+from papeft.backbone.architectures import ROLE_PATHS, decoder_layers, model_type, resolve_targets
 from papeft.methods.base import AdaptedModel, register_method
-from papeft.methods.projected_vectors import resolve_targets
+from papeft.methods.serving_form import StaticScales, layer_tensors
 
 
 @dataclass
@@ -51,8 +51,20 @@ def roles_of_modules(model: nn.Module, modules: list[str]) -> list[str]:
             if any(path == m or path.endswith("." + m) for m in modules)]
 
 
+class PeftIA3Model(AdaptedModel):
+    def serving_form(self, backbone: nn.Module) -> StaticScales:
+        """peft's `ia3_l` scales a module's output, or its input for the feed-forward modules."""
+        paths = ROLE_PATHS[model_type(self.backbone)]
+        inputs = {paths[r] for r in self.config.feedforward}       # resolved when the method was built
+        tensors = layer_tensors(self.trainable_state_dict(), f"ia3_l.{self.model.active_adapter}")
+        if not tensors:
+            raise ValueError("no ia3_l tensors in the adapter")
+        return StaticScales({(i, path, "in" if path in inputs else "out"): t.flatten()
+                             for (i, path), t in tensors.items()})
+
+
 @register_method("ia3_peft", PeftIA3Config)
-def apply_ia3_peft(model: nn.Module, config: PeftIA3Config, name: str) -> AdaptedModel:
+def apply_ia3_peft(model: nn.Module, config: PeftIA3Config, name: str) -> PeftIA3Model:
     mt = model_type(model)
     if config.targets is not None:
         roles = resolve_targets(model, list(config.targets))
@@ -74,4 +86,4 @@ def apply_ia3_peft(model: nn.Module, config: PeftIA3Config, name: str) -> Adapte
                             feedforward_modules=sorted({paths[r] for r in feedforward}),
                             fan_in_fan_out=conv1d, task_type="CAUSAL_LM")
     resolved = dataclasses.replace(config, targets=roles, feedforward=feedforward)
-    return AdaptedModel(get_peft_model(model, peft_config), name, resolved)
+    return PeftIA3Model(get_peft_model(model, peft_config), name, resolved)

@@ -38,8 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from papeft.config_checks import at_least, between, one_of
-from papeft.methods.base import register_method
+from papeft.methods.base import freeze, register_method
 from papeft.methods.prompt_learning import SoftPromptModel
+from papeft.methods.serving_form import SoftPrompts
 
 ENCODERS = ("backbone", "minilm")
 
@@ -156,6 +157,21 @@ class LopaModel(SoftPromptModel):
         u = self.head_u(x).view(B, m, r)                                           # (B, m, r)
         v = self.head_v(x).view(B, d, r)                                           # (B, d, r)
         return self.shared_prompt * torch.sigmoid(u @ v.transpose(1, 2))           # (B, m, d)
+
+    def serving_form(self, backbone: nn.Module) -> SoftPrompts:
+        """This adapter rebuilt on the serving backbone, which it only reads (its input embeddings for
+        `encoder: backbone`); the server makes each request's soft prompt before the batch runs."""
+        with torch.random.fork_rng(devices=[]):        # its Z_S init samples tokens: leave the global RNG alone
+            served = LopaModel(freeze(backbone), self.config, self.method)
+        device = next(backbone.parameters()).device
+        for name, child in served.named_children():   # its own weights only, never the backbone
+            if name != "model":
+                child.to(device)
+        for p in served.parameters(recurse=False):
+            p.data = p.data.to(device)
+        served.load_trainable_state_dict(self.trainable_state_dict())
+        served.set_tokenizer(self.tokenizer)
+        return SoftPrompts(served.eval().request_prompt, served.trainable_state_dict())
 
 
 @register_method("lopa", LopaConfig)

@@ -15,6 +15,7 @@ from torch import nn
 from papeft.backbone.architectures import LINEAR_ROLES, lora_target_modules, model_type, resolve_targets
 from papeft.config_checks import above, at_least, between, role_names
 from papeft.methods.base import AdaptedModel, register_method
+from papeft.methods.serving_form import LowRankDeltas, layer_tensors
 
 
 @dataclass
@@ -28,10 +29,20 @@ class LoraMethodConfig:
                               "targets": role_names(LINEAR_ROLES)}
 
 
+class LoraModel(AdaptedModel):
+    def serving_form(self, backbone: nn.Module) -> LowRankDeltas:
+        """A and B of every adapted module, read from peft's tensors."""
+        state, adapter = self.trainable_state_dict(), self.model.active_adapter
+        A, B = layer_tensors(state, f"lora_A.{adapter}.weight"), layer_tensors(state, f"lora_B.{adapter}.weight")
+        if not A or set(A) != set(B):
+            raise ValueError("LoRA tensors are not paired A/B per module")
+        return LowRankDeltas(int(self.config.r), float(self.config.alpha), {k: (A[k], B[k]) for k in sorted(A)})
+
+
 @register_method("lora", LoraMethodConfig)
-def apply_lora(model: nn.Module, config: LoraMethodConfig, name: str) -> AdaptedModel:
+def apply_lora(model: nn.Module, config: LoraMethodConfig, name: str) -> LoraModel:
     roles = resolve_targets(model, list(config.targets))
     peft_config = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
                              target_modules=lora_target_modules(model, roles), bias="none",
                              task_type="CAUSAL_LM")
-    return AdaptedModel(get_peft_model(model, peft_config), name, config)
+    return LoraModel(get_peft_model(model, peft_config), name, config)

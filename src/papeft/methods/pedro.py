@@ -16,23 +16,20 @@ Our readings (the PEDRO paper is not public in our sources, only its abstract):
   the training set, the outer AdamW at lr 1e-3 without weight decay.
 * `activation: rational_pau` starts the same learnable, bi-level PAU from the METHODS.md
   coefficients instead of our [-5, 5] refit (rational.py says why the refit is the default).
-* The activation plot (PEDRO Figure 2) has one panel per layer, R(x) against
-  GELU on [-5, 5].
+* The activation plot (PEDRO Figure 2, drawn by the runner from `learned_activations`)
+  has one panel per layer, R(x) against GELU on [-5, 5].
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from papeft.report.plots import plot_rational_activations
 from papeft.methods.base import register_method
 from papeft.methods.prompt_aware import PromptAwareConfig, PromptAwareModel
 from papeft.methods.rational import RationalActivation
 
-PLOT_STEM = "rational_activations"
 LEARNABLE_ACTIVATIONS = ("rational", "rational_pau")   # the same safe PAU, from our GELU refit or the spec's
 
 
@@ -58,21 +55,16 @@ class PedroConfig(PromptAwareConfig):
 class PedroModel(PromptAwareModel):
     config: PedroConfig
 
-    def rational_activations(self) -> list[RationalActivation]:
-        """The per-layer activations, layer 0 first."""
+    def learned_activations(self) -> list[RationalActivation]:
+        """The per-layer rational activations, layer 0 first (the runner plots them: PEDRO Figure 2)."""
         return [g.act for g in self.generators]
 
     def outer_parameters(self) -> list[nn.Parameter]:
-        return [p for act in self.rational_activations() for p in act.parameters()]
+        return [p for act in self.learned_activations() for p in act.parameters()]
 
     def bilevel_options(self) -> dict[str, Any]:
         c = self.config
         return {"val_fraction": c.val_fraction, "lr": c.outer_lr, "weight_decay": c.outer_weight_decay}
-
-    def write_artifacts(self, run_dir: Path) -> list[Path]:
-        """PEDRO Figure 2: the learned activation of every layer against GELU, as PNG and PDF."""
-        return plot_rational_activations(self.rational_activations(), Path(run_dir) / PLOT_STEM,
-                                         title=f"{self.method}: learned activations per layer")
 
 
 @register_method("pedro", PedroConfig)

@@ -35,10 +35,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from papeft.backbone.architectures import (LINEAR_ROLES, RoleSite, decoder_layers, full_width, hook_features, resolve_targets,
-                                  role_sites, sites_by_module)
+from papeft.backbone.architectures import (LINEAR_ROLES, RoleSite, decoder_layers, full_width, module_width,
+                                           resolve_targets, role_sites, sites_by_module)
 from papeft.config_checks import at_least, role_names
 from papeft.methods.base import AdaptedModel, register_method
+from papeft.methods.role_scaling import hook_role_sites, scale_rows
+from papeft.methods.serving_form import StaticScales
 
 OPERATIONS = {"ia3": "scale", "bitfit": "add"}   # registry key -> how delta acts on the output
 
@@ -75,22 +77,33 @@ class ProjectedVectorModel(AdaptedModel):
         self.operation = OPERATIONS[method]
         self.sites = role_sites(model, resolve_targets(model, list(config.targets)),
                                 scaling=self.operation == "scale")
-        layers = decoder_layers(model)
         self.vectors = nn.ModuleList(                                 # [layer][role] -> ProjectedVector
             nn.ModuleDict({s.role: ProjectedVector(config.r, s.width, config.vector_init_std)
                            for s in self.sites})
-            for _ in layers)
-        for i, layer in enumerate(layers):
-            for (path, side), sites in sites_by_module(self.sites).items():
-                hook_features(layer.get_submodule(path), side, self._make_hook(i, sites))
+            for _ in decoder_layers(model))
+        hook_role_sites(model, self.sites, self._make_hook)
+
+    def _deltas(self, i: int, sites: list[RoleSite], width: int) -> torch.Tensor:
+        """Layer i's delta over a module's `width` features: v P on each role's slice, 0 elsewhere."""
+        return full_width(sites, {s.role: self.vectors[i][s.role]() for s in sites}, width, 0.0)   # (width,)
 
     def _make_hook(self, i: int, sites: list[RoleSite]):
         def apply(x):                                                 # (B, T, width)
-            vecs = {s.role: self.vectors[i][s.role]() for s in sites}
-            if self.operation == "scale":
-                return x * (1 + full_width(sites, vecs, x.shape[-1], 0.0).to(x.dtype))
-            return x + full_width(sites, vecs, x.shape[-1], 0.0).to(x.dtype)
+            delta = self._deltas(i, sites, x.shape[-1]).to(x.dtype)
+            return scale_rows(x, 1 + delta) if self.operation == "scale" else x + delta
         return apply
+
+    def serving_form(self, backbone: nn.Module) -> StaticScales | None:
+        """(IA)3: the scales 1 + v P are the same for every input; BitFit (an added bias) is not served."""
+        if self.operation != "scale":
+            return None
+        layers = decoder_layers(self.model)
+        scales = {}
+        for i in range(len(layers)):
+            for (path, side), sites in sites_by_module(self.sites).items():
+                width = module_width(layers[0].get_submodule(path), side)
+                scales[(i, path, side)] = 1 + self._deltas(i, sites, width).detach()
+        return StaticScales(scales)
 
 
 @register_method("ia3", ProjectedVectorConfig)

@@ -9,7 +9,7 @@ the prompt. Implementation with hooks, one mechanism for every architecture:
   that continues a KV cache is a *decode* step and reuses them;
 * a pre-hook on each decoder layer runs that layer's generator at prefill;
 * a forward hook on each scaled module multiplies its output by the vectors
-  (for fused QKV modules, only the role's slice); on a non-gated FFN (GPT-2,
+  (for fused QKV modules, only the role's slice; role_scaling.py); on a non-gated FFN (GPT-2,
   GPT-NeoX) `up` scales the activation's output, the input of `down`
   (architectures.role_sites, our reading of eq. 5).
 
@@ -25,10 +25,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from papeft.backbone.architectures import (LINEAR_ROLES, ROLE_PATHS, decoder_layers, full_width, hook_features, model_type,
-                                  role_sites, sites_by_module)
+from papeft.backbone.architectures import LINEAR_ROLES, ROLE_PATHS, decoder_layers, full_width, model_type, role_sites
 from papeft.config_checks import at_least, one_of, role_names
 from papeft.methods.base import AdaptedModel, register_method
+from papeft.methods.role_scaling import hook_role_sites, scale_rows
+from papeft.methods.serving_form import PromptVectors
 from papeft.methods.vector_generator import ACTIVATIONS, POOLERS, VectorGenerator, make_activation, make_pooler
 
 
@@ -81,8 +82,7 @@ class PromptAwareModel(AdaptedModel):
         backbone.register_forward_pre_hook(self._on_backbone, with_kwargs=True)
         for i, layer in enumerate(decoder_layers(self.model)):
             layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True)
-            for (path, side), sites in sites_by_module(self.sites).items():
-                hook_features(layer.get_submodule(path), side, self._make_scale_hook(i, sites))
+        hook_role_sites(self.model, self.sites, self._make_scale_hook)
 
     def _on_backbone(self, module, args, kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -111,7 +111,7 @@ class PromptAwareModel(AdaptedModel):
             vecs = self._vectors[i] if self._vectors is not None else None
             if vecs is None:
                 raise RuntimeError("scaled module ran before its layer's vector generator")
-            return x * full_width(sites, vecs, x.shape[-1], 1.0).to(x.dtype)[:, None, :]   # (B, 1, width)
+            return scale_rows(x, full_width(sites, vecs, x.shape[-1], 1.0).to(x.dtype)[:, None, :])  # (B, 1, width)
         return scale
 
     # ---- calls -----------------------------------------------------------
@@ -147,6 +147,10 @@ class PromptAwareModel(AdaptedModel):
             self.model(input_ids=input_ids, attention_mask=attention_mask)
             return self._vectors
         return self._with_prompt(prompt_mask, call)
+
+    def serving_form(self, backbone: nn.Module) -> PromptVectors:
+        """The generators, run by the server at prefill for every row of this tenant."""
+        return PromptVectors(self.generators, self.sites)
 
 
 @register_method("parade", PromptAwareConfig)

@@ -115,6 +115,12 @@ class SoftPromptModel(AdaptedModel):
     def soft_prompt(self, input_ids, attention_mask, prompt_mask) -> torch.Tensor:
         raise NotImplementedError
 
+    @torch.no_grad()
+    def request_prompt(self, ids: torch.Tensor) -> torch.Tensor:
+        """One request's prompt ids (T,), all of them prompt -> its soft prompt (m, d)."""
+        x = ids[None]
+        return self.soft_prompt(x, torch.ones_like(x), torch.ones_like(x))[0]
+
     def _inputs(self, input_ids, attention_mask, prompt_mask):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)

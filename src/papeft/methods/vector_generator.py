@@ -7,14 +7,19 @@ them, and padding and response tokens never enter the pool. For the linear
 poolers (last token, mean) pooling before or after W_down is the same thing,
 so PARA's "pool -> down -> act -> up" is this module with `LastTokenPooler`.
 PEDRO is this module with g = `RationalActivation` (a learnable rational function).
+
+The maths is one function, `generator_vectors`: with the generator's own weights
+(training, `VectorGenerator.forward`) or with one tenant's weights per batch row
+(serving: serving/banks.py stacks many tenants' generators and gathers per row).
 """
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from functools import partial
+from torch.func import functional_call, vmap
 
 from papeft.methods.rational import PAU_GELU_INIT, RationalActivation
 
@@ -143,7 +148,58 @@ class VectorGenerator(nn.Module):
         nn.init.ones_(self.up.bias)
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = h.to(self.down.weight.dtype)
-        pooled = self.pooler(self.down(h), mask.bool())            # (B, r)
-        l = self.up(self.act(pooled))                              # (B, sum widths)
-        return dict(zip(self.roles, l.split(self.widths, dim=-1)))  # role -> (B, width)
+        return generator_vectors(self, h, mask)
+
+    def row_weights(self) -> dict[str, torch.Tensor]:
+        """This generator's weights as `generator_vectors` reads them per row (after a leading row
+        axis is stacked on): every parameter by name, the two linear weights transposed (in, out)."""
+        return {n: p.detach().T if n in ROW_TRANSPOSED else p.detach() for n, p in self.named_parameters()}
+
+
+ROW_TRANSPOSED = ("down.weight", "up.weight")     # per-row linear weights are stored (in, out), as bmm reads them
+
+
+def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T + b over the last axis. `weight` (out, in) is shared by every row (nn.Linear's layout);
+    (B, in, out) is one per row, for x (B, T, in) or (B, in)."""
+    if weight.dim() == 2:
+        return F.linear(x, weight, bias)
+    rows = x if x.dim() == 3 else x[:, None, :]                           # (B, T, in)
+    out = torch.bmm(rows, weight) if bias is None else torch.baddbmm(bias[:, None, :], rows, weight)
+    return out if x.dim() == 3 else out[:, 0]
+
+
+def per_row(module: nn.Module, params: dict[str, torch.Tensor] | None, *inputs: torch.Tensor) -> torch.Tensor:
+    """`module` applied to `inputs`: with its own weights (`params` None or empty), or to each row with
+    that row's own `params` (each (B, ...)). Modules that declare `rowwise_params` take the (B, ...)
+    parameters as they are; others run vectorised over rows (torch.func.vmap), no Python loop."""
+    if not params:
+        return module(*inputs)
+    if getattr(module, "rowwise_params", False):
+        return functional_call(module, params, inputs)
+    one = lambda p, *xs: functional_call(module, p, tuple(x[None] for x in xs))[0]   # noqa: E731
+    return vmap(one)(params, *inputs)
+
+
+def generator_vectors(g: VectorGenerator, h: torch.Tensor, mask: torch.Tensor,
+                      rows: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """PARADE eq. (6), l = g(Pool(h W_down)) W_up + b_up split per role, for prompts h (B, T, d) with
+    `mask` (B, T) -> {role: (B, width)}.
+
+    `rows` None: `g`'s own weights, shared by every row (training). Otherwise every parameter of `g`
+    by name with a leading row axis, one tenant per row, laid out as `VectorGenerator.row_weights`
+    (serving); `g` then lends only its structure (roles, widths, pooler and activation kinds).
+    """
+    if rows is None:
+        down, up, bias, pooler_w, act_w = g.down.weight, g.up.weight, g.up.bias, None, None
+    else:
+        down, up, bias = rows["down.weight"], rows["up.weight"], rows["up.bias"]
+        pooler_w, act_w = _under(rows, "pooler."), _under(rows, "act.")
+    x = project(h.to(down.dtype), down)                                   # (B, T, r)
+    pooled = per_row(g.pooler, pooler_w, x, mask.bool())                   # (B, r)
+    l = project(per_row(g.act, act_w, pooled), up, bias)                   # (B, sum widths)
+    return dict(zip(g.roles, l.split(g.widths, dim=-1)))                  # role -> (B, width)
+
+
+def _under(named: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in named.items() if k.startswith(prefix)}

@@ -41,18 +41,20 @@ from papeft.train.checkpoint import CHECKPOINT_DIR, Checkpointer, Preempted, con
 from papeft.train.distributed import Parallel
 from papeft.io import remove_stale_temps, write_json, write_jsonl, write_text
 from papeft.tasks.prompting import PromptFormatter
+from papeft.report.plots import plot_rational_activations
 from papeft.report.provenance import environment
 from papeft.report.tables import read_json, write_tables
 from papeft.tasks import get_task
 from papeft.tasks.base import TaskConfig
 from papeft.train.trainer import Trainer, TrainerConfig
 from papeft.methods import build_method
-from papeft.methods.base import make_config, method_config
+from papeft.methods.base import AdaptedModel, make_config, method_config
 
 log = logging.getLogger(__name__)
 
 METRICS, FAILED = "metrics.json", "failed.json"
 RESUME_MODES = ("auto", "never")
+ACTIVATIONS_STEM = "rational_activations"      # PEDRO Figure 2: {stem}.png and {stem}.pdf in the run folder
 
 
 def parse_seeds(value) -> list[int]:
@@ -233,8 +235,7 @@ def _train_and_test(cfg: DictConfig, seed: int, out: Path, chash: str, parallel:
     log.info("%s: %d train / %d dev / %d test", task.name, len(splits.train), len(splits.dev), len(splits.test))
     model, tok = load_backbone(OmegaConf.to_container(cfg.backbone, resolve=True))
     adapted = build_method(model, OmegaConf.to_container(cfg.method, resolve=True))
-    if hasattr(adapted, "set_tokenizer"):           # methods that read prompt text (LoPA's MiniLM encoder)
-        adapted.set_tokenizer(tok)
+    adapted.set_tokenizer(tok)                      # methods that read prompt text (LoPA's MiniLM encoder)
     tcfg = configs.trainer
     fmt = PromptFormatter(tok, cfg.backbone.chat_template, cfg.backbone.get("system_prompt"), tcfg.max_length)
     enc = {name: [fmt.encode(e.prompt, e.response) for e in getattr(splits, name)] for name in ("train", "dev")}
@@ -263,11 +264,21 @@ def _train_and_test(cfg: DictConfig, seed: int, out: Path, chash: str, parallel:
     }
     if parallel.is_main:
         write_jsonl(out / "predictions.jsonl", result.rows)
-        metrics["artifacts"] = [str(p) for p in adapted.write_artifacts(out)]
+        metrics["artifacts"] = [str(p) for p in method_figures(adapted, out)]
         write_json(out / METRICS, metrics)
         checkpointer.clear()                               # the run is final: its checkpoint is dead weight
     parallel.barrier()
     return metrics
+
+
+def method_figures(adapted: AdaptedModel, run_dir: Path) -> list[Path]:
+    """Figures of what a method learned, next to its run's results: the learned activation of every
+    layer against GELU (PEDRO Figure 2), as PNG and PDF; [] for a method without learned activations."""
+    activations = adapted.learned_activations()
+    if not activations:
+        return []
+    return plot_rational_activations(activations, Path(run_dir) / ACTIVATIONS_STEM,
+                                     title=f"{adapted.method}: learned activations per layer")
 
 
 def _record_failure(cfg: DictConfig, seed: int, out: Path, chash: str, exc: BaseException) -> None:

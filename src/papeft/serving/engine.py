@@ -1,31 +1,31 @@
 """One frozen backbone, many tenants, mixed in one batch: `MultiTenantEngine`.
 
     engine = MultiTenantEngine(backbone)                 # lora_backend="gathered" | "peft"
-    engine.add_tenant("acme", "runs/.../adapter")        # PARADE, PARA, PEDRO, (IA)3, LoRA, LoPA
+    engine.add_tenant("acme", "runs/.../adapter")        # any method with a serving form
     results = engine.generate([Request(ids, "acme"), Request(ids2, "zeta"), Request(ids3)], num_beams=3)
 
-How each kind of row is served (hooks and patched forwards installed for the call only, removed after):
-* vector tenants (PARADE / PARA / PEDRO): at prefill a pre-hook on each decoder
+A row is served by its tenant's *serving form* (methods/serving_form.py), which the method
+declares; the engine knows the forms, never the methods. Each form has a bank (banks.py,
+gathered_lora.py) stacking its tenants' weights; hooks and patched forwards are installed
+for the call only and removed after:
+* prompt vectors (PARADE / PARA / PEDRO): at prefill a pre-hook on each decoder
   layer runs the generators of all rows at once with their own gathered weights
-  (tenants.VectorBank: bmm over (B, d, r) and (B, r, W); capsule and rational
-  parameters gathered per row, see tenants.per_row) and writes the rows' vectors into per-module scale
-  tensors (P, 1, width), one row per prompt. The layer pre-hooks are removed once
-  the prefill forward returns: a decode step runs only `out *= scale` per scaled
-  module (its forward patched for the call, restored after). Beam search expands
-  each prompt into adjacent rows before prefill; the generators run once per
-  prompt and its beams share its scales (folded into the token axis), so every
-  beam carries its prompt's vectors.
-* static-scale tenants ((IA)3, ours and peft's): their vectors are gathered into
-  the same scale tensors when the call starts.
-* LoRA, `lora_backend="gathered"`: gathered_lora (BGMV-style, one gather per call);
-  `lora_backend="peft"`: tenants are named adapters of a peft wrapper and rows
+  (banks.VectorBank: the generator's own maths, `generator_vectors`, one tenant per row) and
+  writes the rows' vectors into per-module scale tensors (P, 1, width), one row per prompt.
+  The layer pre-hooks are removed once the prefill forward returns: a decode step runs only
+  `out *= scale` per scaled module (its forward patched for the call, restored after).
+  Beam search expands each prompt into adjacent rows before prefill; the generators run
+  once per prompt and its beams share its scales (folded into the token axis,
+  role_scaling.scale_rows), so every beam carries its prompt's vectors.
+* static scales ((IA)3, ours and peft's): gathered into the same scale tensors when the call starts.
+* low-rank deltas (LoRA), `lora_backend="gathered"`: gathered_lora (BGMV-style, one gather per
+  call); `lora_backend="peft"`: tenants are named adapters of a peft wrapper and rows
   are routed with peft's mixed batch (`generate(adapter_names=[...])`).
-* soft prompts (LoPA): a LoPA tenant's encoder makes each of its requests' (m, d)
-  soft prompt when the call starts (or a request brings its own `soft_prompt`);
-  it is prepended to that row's input embeddings (the whole batch then goes
-  through `inputs_embeds`).
-Rows of other kinds see a scale of exactly 1 and a LoRA delta of exactly 0, and
-tenants of one structure share a bank, so a batch costs one pass per bank, not per tenant.
+* soft prompts (LoPA): a tenant's encoder makes each of its requests' (m, d) soft prompt
+  when the call starts (or a request brings its own `soft_prompt`); it is prepended to
+  that row's input embeddings (the whole batch then goes through `inputs_embeds`).
+Rows of other forms see a scale of exactly 1 and a LoRA delta of exactly 0, and
+tenants of one layout share a bank, so a batch costs one pass per bank, not per tenant.
 
 Refusals (our reading of "the rest of the batch is not affected"): `add_tenant`
 raises `TenantError` for a bad adapter (unknown method, another backbone,
@@ -46,10 +46,12 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from papeft.backbone.architectures import ROLE_PATHS, decoder_layers, model_type, module_width, role_sites
+from papeft.backbone.architectures import ROLE_PATHS, decoder_layers, full_width, model_type, module_width
+from papeft.methods.role_scaling import scale_rows
+from papeft.methods.serving_form import LowRankDeltas, PromptVectors, ServingForm, SoftPrompts, StaticScales
+from papeft.serving.banks import Bank, SoftPromptBank, StaticBank, VectorBank
 from papeft.serving.gathered_lora import LoraBank, lora_forward
-from papeft.serving.tenants import (LoraTenant, SoftPromptTenant, StaticBank, Tenant, TenantError, VectorBank,
-                                    load_tenant)
+from papeft.serving.tenants import Tenant, TenantError, load_tenant
 
 
 @dataclass
@@ -71,7 +73,9 @@ class Result:
         return self.error is None
 
 
-BANKS = {"vector": VectorBank, "static": StaticBank, "lora": LoraBank}
+# one bank class per serving form (never per method): a new method with one of these forms needs no change here
+BANKS: dict[type[ServingForm], type[Bank]] = {PromptVectors: VectorBank, StaticScales: StaticBank,
+                                               LowRankDeltas: LoraBank, SoftPrompts: SoftPromptBank}
 
 
 class MultiTenantEngine:
@@ -84,16 +88,14 @@ class MultiTenantEngine:
         self.layers = decoder_layers(backbone)
         p = next(backbone.parameters())
         self.device, self.dtype = p.device, p.dtype
-        roles = list(ROLE_PATHS[model_type(backbone)])
-        # where each role's scaling vector acts (non-gated FFNs: `up` on the input of `down`); before any peft wrap
-        self.sites = {s.role: s for s in role_sites(backbone, roles, scaling=True)}
         self.widths = {(path, side): module_width(self.layers[0].get_submodule(path), side)
                        for path in set(ROLE_PATHS[model_type(backbone)].values()) for side in ("out", "in")}
         self.tenants: dict[str, Tenant] = {}
         self.refused: dict[str, str] = {}        # tenant name -> why its adapter was refused
-        self.banks: dict[tuple, object] = {}     # (kind, signature) -> bank
+        self.banks: dict[tuple, Bank] = {}       # (bank class, signature) -> bank
         self._bank_of: dict[str, tuple] = {}
         self._peft = None                        # peft wrapper (lora_backend="peft")
+        self._in_peft: set[str] = set()          # tenants served as peft adapters
         gen = backbone.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else backbone.config.eos_token_id
         self.eos = set([eos] if isinstance(eos, int) else (eos or []))
@@ -108,13 +110,12 @@ class MultiTenantEngine:
         try:
             tenant = load_tenant(name, directory, self.backbone, self.tokenizer)
             try:
-                self._place(name, tenant)
+                self._place(name, tenant.form)
             except TenantError:
                 raise
             except Exception as e:  # noqa: BLE001  (a tenant that does not fit is refused; the others stay)
                 raise TenantError(f"{directory}: cannot place tenant '{name}': {type(e).__name__}: {e}") from e
-            if not isinstance(tenant, SoftPromptTenant):     # weights now live in a bank (or peft): keep a record
-                tenant = Tenant(name, tenant.method, tenant.directory, tenant.kind)
+            tenant.form = None                   # its weights now live in a bank (or peft): keep a record
             self.tenants[name] = tenant
             self._probe(name, directory)
         except TenantError as e:
@@ -123,17 +124,20 @@ class MultiTenantEngine:
         self.refused.pop(name, None)
         return tenant
 
-    def _place(self, name: str, tenant: Tenant) -> None:
-        """Put a loaded tenant's weights where batches read them: peft, or the bank of its layout."""
-        if tenant.kind == "lora" and self.lora_backend == "peft":
-            self._peft_add(tenant)
-        elif tenant.kind in BANKS:
-            cls = BANKS[tenant.kind]
-            key = (tenant.kind, cls.signature(tenant))
-            if key not in self.banks:
-                self.banks[key] = cls.for_tenant(tenant)
-            self.banks[key].add(tenant)
-            self._bank_of[name] = key
+    def _place(self, name: str, form: ServingForm) -> None:
+        """Put a tenant's weights where batches read them: peft, or the bank of its form and layout."""
+        if isinstance(form, LowRankDeltas) and self.lora_backend == "peft":
+            self._peft_add(name, form)
+            self._in_peft.add(name)
+            return
+        if type(form) not in BANKS:
+            raise ValueError(f"no bank serves the form {type(form).__name__}")
+        cls = BANKS[type(form)]
+        key = (cls, cls.signature(form))
+        if key not in self.banks:
+            self.banks[key] = cls(form)
+        self.banks[key].add(name, form)
+        self._bank_of[name] = key
 
     def _probe(self, name: str, directory: str | Path) -> None:
         """One short prompt through the new tenant: outputs that are not finite refuse it (and undo the add)."""
@@ -150,38 +154,36 @@ class MultiTenantEngine:
     def remove_tenant(self, name: str) -> None:
         if name not in self.tenants:
             raise TenantError(f"tenant '{name}' is not loaded")
-        tenant = self.tenants.pop(name)
+        del self.tenants[name]
         key = self._bank_of.pop(name, None)
         if key is not None:
             bank = self.banks[key]
-            bank.stack.remove(name)
-            if not len(bank.stack):
+            bank.remove(name)
+            if not len(bank):
                 del self.banks[key]
-        elif tenant.kind == "lora":
+        elif name in self._in_peft:
+            self._in_peft.remove(name)
             self._peft.delete_adapter(name)
 
-    def _peft_add(self, t: LoraTenant) -> None:
+    def _peft_add(self, name: str, form: LowRankDeltas) -> None:
         from peft import LoraConfig, get_peft_model
-        cfg = LoraConfig(r=t.rank, lora_alpha=t.alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                         target_modules=sorted({path for _, path in t.weights}))
+        cfg = LoraConfig(r=form.rank, lora_alpha=form.alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                         target_modules=sorted({path for _, path in form.weights}))
         if self._peft is None:
-            self._peft = get_peft_model(self.backbone, cfg, adapter_name=t.name).eval()
+            self._peft = get_peft_model(self.backbone, cfg, adapter_name=name).eval()
         else:
-            self._peft.add_adapter(t.name, cfg)
+            self._peft.add_adapter(name, cfg)
         with torch.no_grad():
-            for (i, path), (A, B) in t.weights.items():
+            for (i, path), (A, B) in form.weights.items():
                 mod = self.layers[i].get_submodule(path)
-                mod.lora_A[t.name].weight.copy_(A)
-                mod.lora_B[t.name].weight.copy_(B)
+                mod.lora_A[name].weight.copy_(A)
+                mod.lora_B[name].weight.copy_(B)
 
     def weight_bytes(self, tenants: Iterable[str] | None = None) -> int:
         """Resident weights: backbone (with any peft LoRA inside) plus those of `tenants` (default: all)."""
         names = set(self.tenants) if tenants is None else set(tenants) & set(self.tenants)
         params = sum(p.numel() * p.element_size() for p in self.backbone.parameters())
-        banks = sum(self.banks[k].stack.nbytes() for k in {self._bank_of[n] for n in names if n in self._bank_of})
-        own = sum(t.numel() * t.element_size() for n in names if isinstance(self.tenants[n], SoftPromptTenant)
-                  for t in self.tenants[n].model.trainable_state_dict().values())
-        return params + banks + own
+        return params + sum(self.banks[k].nbytes() for k in {self._bank_of[n] for n in names if n in self._bank_of})
 
     # ---- requests -------------------------------------------------------------
     def _check(self, r: Request) -> tuple[Tenant | None, torch.Tensor | None, str | None]:
@@ -200,11 +202,12 @@ class MultiTenantEngine:
         if ids.min() < 0 or ids.max() >= vocab:
             return None, None, f"token ids must lie in [0, {vocab}), got [{ids.min()}, {ids.max()}]"
         soft = r.soft_prompt
-        if isinstance(tenant, SoftPromptTenant):
+        if r.tenant in self._bank_of:                         # a soft-prompt tenant makes the request's own
             try:
-                soft = tenant.make_prompt(ids.to(self.device))
+                made = self.banks[self._bank_of[r.tenant]].prompt_for(r.tenant, ids.to(self.device))
             except Exception as e:                            # a tenant's own failure stays its own
                 return None, None, f"tenant '{r.tenant}' failed to make its soft prompt: {e}"
+            soft = soft if made is None else made
         if soft is not None:
             d = self.backbone.config.hidden_size
             if soft.dim() != 2 or soft.shape[1] != d or not torch.isfinite(soft).all():
@@ -273,7 +276,7 @@ class MultiTenantEngine:
     def _model_for(self, tenants: list[Tenant | None]) -> tuple[nn.Module, dict]:
         """The module to call and its routing kwargs: peft's wrapper with adapter names when LoRA is served by peft."""
         if self._peft is not None and self._peft.peft_config:
-            return self._peft, {"adapter_names": [t.name if t is not None and t.kind == "lora" else "__base__"
+            return self._peft, {"adapter_names": [t.name if t is not None and t.name in self._in_peft else "__base__"
                                                   for t in tenants]}
         return self.backbone, {}
 
@@ -297,73 +300,60 @@ class MultiTenantEngine:
         return {"inputs_embeds": embeds, "attention_mask": mask}
 
 
-def _scaled_forward(base, s: torch.Tensor, side: str, beams: int):
+def _scaled_forward(base, s: torch.Tensor, side: str):
     """A module's forward (`base`) with its output (side "out") or input (side "in") scaled by s (P, 1, W).
 
     Installed as the module's forward for one call (cheaper than a forward hook: a decode
-    step runs 3 of these per layer). Rows are prompt-major after HF's beam expansion
-    (prompt p owns rows p*beams ...), so beams fold into the token axis. The output of a
-    linear is fresh and is scaled in place; an input may be shared (q, k, v), so out of place.
+    step runs 3 of these per layer). The output of a linear is fresh and is scaled in
+    place; an input may be shared (q, k, v), so out of place.
     """
     if side == "out":
         def forward(*args, **kwargs):
-            out = base(*args, **kwargs)            # (P*beams, T, W)
-            (out if beams == 1 else out.view(s.shape[0], -1, out.shape[-1])).mul_(s)
-            return out
+            return scale_rows(base(*args, **kwargs), s, in_place=True)      # (P*beams, T, W)
     else:
         def forward(x, *args, **kwargs):
-            return base((x.reshape(s.shape[0], -1, x.shape[-1]) * s).view_as(x), *args, **kwargs)
+            return base(scale_rows(x, s), *args, **kwargs)
     return forward
 
 
 class _CallHooks:
     """The hooks of one generate call: installed on enter, all removed on exit.
 
-    Everything is per *prompt* (P rows), not per beam row: beams share their prompt's
-    scales, vectors are generated once per prompt, LoRA weights are gathered once per prompt.
+    Every bank with rows in the call joins it (`Bank.join`): static scales are written now,
+    vector banks are listed for the prefill, LoRA weights are gathered. Everything is per
+    *prompt* (P rows), not per beam row: beams share their prompt's scales, vectors are
+    generated once per prompt, LoRA weights are gathered once per prompt.
     """
 
     def __init__(self, engine: MultiTenantEngine, tenants: list[Tenant | None], mask: torch.Tensor, beams: int):
         self.e, self.beams, self.prefill_handles, self.patched = engine, beams, [], []
-        self.prompts = len(tenants)
+        self.prompts, self.dtype = len(tenants), engine.dtype
         self.pool_mask = mask.bool()                                          # (P, T)
         self.scales: dict[tuple, torch.Tensor] = {}                           # site -> (P, 1, width)
-        self.vector_groups = []                                                # (bank, prompts or None, slots)
+        self.vector_banks = []                                                # (bank, prompts or None, slots)
         self.lora: list[dict] = []
         dev = engine.device
         for key, bank in engine.banks.items():
             idx = [b for b, t in enumerate(tenants) if t is not None and engine._bank_of.get(t.name) == key]
-            if not idx:
-                continue
-            prompts = torch.tensor(idx, device=dev)
-            slots = torch.tensor([bank.stack.slot_of[tenants[b].name] for b in idx], device=dev)
-            if key[0] == "vector":
-                self.vector_groups.append((bank, None if len(idx) == len(tenants) else prompts, slots))
-                for i in range(len(engine.layers)):
-                    for role in bank.roles:
-                        self._scale((i, engine.sites[role].path, engine.sites[role].side))
-            elif key[0] == "static":
-                for site, s in bank.gather(slots).items():                    # (b, width)
-                    self._scale(site)[prompts, 0] = s.to(engine.dtype)
-            else:                                                             # gathered LoRA
-                per_prompt = torch.zeros(len(tenants), dtype=torch.long, device=dev)
-                per_prompt[prompts] = slots
-                self.lora.append(bank.gather(per_prompt))
+            if idx:
+                slots = torch.tensor([bank.slot(tenants[b].name) for b in idx], device=dev)
+                bank.join(self, torch.tensor(idx, device=dev), slots)
 
-    def _scale(self, site: tuple) -> torch.Tensor:
+    def scale(self, site: tuple) -> torch.Tensor:
+        """The call's scale (P, 1, width) at site (layer, path, side), all ones until a bank writes it."""
         if site not in self.scales:
             width = self.e.widths[(site[1], site[2])]
-            self.scales[site] = torch.ones(self.prompts, 1, width, dtype=self.e.dtype, device=self.e.device)
+            self.scales[site] = torch.ones(self.prompts, 1, width, dtype=self.dtype, device=self.e.device)
         return self.scales[site]
 
     def __enter__(self):
         layers = self.e.layers
         for (i, path, side), s in self.scales.items():
-            self._patch(layers[i].get_submodule(path), lambda base: _scaled_forward(base, s, side, self.beams))
+            self._patch(layers[i].get_submodule(path), lambda base: _scaled_forward(base, s, side))
         for gathered in self.lora:
             for (i, path), (A, B) in gathered.items():
                 self._patch(layers[i].get_submodule(path), lambda base: lora_forward(base, A, B))
-        if self.vector_groups:
+        if self.vector_banks:
             for i, layer in enumerate(layers):
                 self.prefill_handles.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
             self.prefill_handles.append(self.e.backbone.register_forward_hook(self._end_prefill))
@@ -391,20 +381,17 @@ class _CallHooks:
             h.remove()
 
     def _layer_hook(self, i: int):
-        sites = self.e.sites
-
         def hook(layer, args, kwargs):
             h = args[0] if args else kwargs["hidden_states"]                  # (P*beams, T, d)
             if h.shape[0] != self.prompts * self.beams or h.shape[1] != self.pool_mask.shape[1]:
                 raise RuntimeError(f"vector generators ran on {tuple(h.shape[:2])}, not the prefill "
                                    f"({self.prompts} x {self.beams} beams, {self.pool_mask.shape[1]} tokens)")
             h = h[:: self.beams]                                              # (P, T, d): one row per prompt
-            for bank, prompts, slots in self.vector_groups:
+            for bank, prompts, slots in self.vector_banks:
                 hb, mask = (h, self.pool_mask) if prompts is None else (h[prompts], self.pool_mask[prompts])
-                r = torch.arange(self.prompts, device=h.device) if prompts is None else prompts
-                for role, v in bank.vectors(i, hb, mask, slots).items():      # (b, width)
-                    site = sites[role]
-                    s = self.scales[(i, site.path, site.side)][:, 0]           # (P, width) view
-                    cols = torch.arange(s.shape[1], device=s.device) if site.index is None else site.index.to(s.device)
-                    s[r[:, None], cols[None, :]] = v.to(s.dtype)
+                rows = torch.arange(self.prompts, device=h.device) if prompts is None else prompts
+                vectors = bank.vectors(i, hb, mask, slots)                    # role -> (b, width)
+                for (path, side), sites in bank.module_sites.items():
+                    s = self.scales[(i, path, side)][:, 0]                    # (P, width) view
+                    s[rows] = full_width(sites, vectors, s.shape[1], 1.0).to(s.dtype)
         return hook

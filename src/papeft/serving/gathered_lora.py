@@ -18,32 +18,36 @@ the batch, per module and per step) this is the fair, batched LoRA baseline.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from papeft.serving.tenants import LoraTenant, SlotStack
+from papeft.methods.serving_form import LowRankDeltas
+from papeft.serving.banks import Bank
 
 
-class LoraBank:
-    """LoRA tenants of one rank and one set of target modules, stacked per module."""
+class LoraBank(Bank):
+    """LoRA tenants (`LowRankDeltas`) of one rank and one set of target modules, stacked per module."""
 
-    def __init__(self, rank: int, sites: tuple[tuple[int, str], ...]):
-        self.rank, self.sites = rank, sites          # sites: ((layer, module path), ...)
-        self.stack = SlotStack(zero_slot=True)        # slot 0: rows without LoRA
+    zero_slot = True                                  # slot 0: rows without LoRA
+
+    def __init__(self, form: LowRankDeltas):
+        super().__init__(form)
+        self.rank, self.sites = self.signature(form)   # sites: ((layer, module path), ...)
 
     @staticmethod
-    def signature(tenant: LoraTenant) -> tuple:
-        return tenant.rank, tuple(sorted(tenant.weights))
+    def signature(form: LowRankDeltas) -> tuple:
+        return form.rank, tuple(sorted(form.weights))
 
-    @classmethod
-    def for_tenant(cls, tenant: LoraTenant) -> "LoraBank":
-        return cls(*cls.signature(tenant))
-
-    def add(self, tenant: LoraTenant) -> None:
+    def stacked(self, form: LowRankDeltas) -> dict[str, torch.Tensor]:
         weights = {}
-        for (i, path), (A, B) in tenant.weights.items():
+        for (i, path), (A, B) in form.weights.items():
             weights[f"{i}.{path}.A"] = A.T                           # (in, r)
-            weights[f"{i}.{path}.B"] = (B * tenant.scaling).T        # (r, out), scaling folded in
-        self.stack.add(tenant.name, weights)
+            weights[f"{i}.{path}.B"] = (B * form.scaling).T          # (r, out), scaling folded in
+        return weights
+
+    def join(self, call, prompts, slots) -> None:
+        """Its weights, gathered once per call for every prompt (0 = no LoRA) and added by patched forwards."""
+        per_prompt = torch.zeros(call.prompts, dtype=torch.long, device=slots.device)
+        per_prompt[prompts] = slots
+        call.lora.append(self.gather(per_prompt))
 
     def gather(self, slots: torch.Tensor) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
         """Per module, the rows' (A (B, in, r), B (B, r, out)); `slots` (B,) per prompt, 0 = no LoRA."""

@@ -15,8 +15,8 @@ Resuming (papeft.train.checkpoint): with a `Checkpointer`, the full training sta
 `checkpoint_every` steps, when training ends, and on a pre-emption signal; `fit` starts from it
 when one exists for the same config, and replays exactly what an uninterrupted run would do.
 A NaN/inf loss or gradient norm stops the run (`NonFiniteLossError`, naming the step) without
-touching the last good checkpoint. A method with state outside its trainable weights can
-expose it as `resume_state() -> dict[str, Tensor]` / `load_resume_state(tensors)`.
+touching the last good checkpoint. A method with state outside its trainable weights keeps it
+through `AdaptedModel.resume_state()` / `load_resume_state(tensors)` (AdaLoRA's scores).
 """
 from __future__ import annotations
 
@@ -278,8 +278,7 @@ class Trainer:
             outer_t, outer_meta = optimizer_state(parts["outer"].optimizer)
             tensors.update(prefixed("outer_optim", outer_t))
             state.update(outer_optimizer=outer_meta, outer_pos=parts["outer"].pos)
-        if hasattr(self.model, "resume_state"):
-            tensors.update(prefixed("method", self.model.resume_state()))
+        tensors.update(prefixed("method", self.model.resume_state()))
         self.checkpointer.save(tensors, state)
 
     def _restore(self, st: TrainState, parts: dict) -> int | None:
@@ -298,8 +297,7 @@ class Trainer:
         if parts["outer"] is not None:
             load_optimizer_state(parts["outer"].optimizer, unprefixed("outer_optim", tensors), state["outer_optimizer"])
             parts["outer"].pos = state["outer_pos"]
-        if hasattr(self.model, "load_resume_state"):
-            self.model.load_resume_state(unprefixed("method", tensors))
+        self.model.load_resume_state(unprefixed("method", tensors))
         for key, value in state["train"].items():
             setattr(st, key, value)
         return st.step
