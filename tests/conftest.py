@@ -73,3 +73,12 @@ def task_config(name: str):
     from hydra import compose, initialize_config_dir
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         return compose("config", overrides=[f"task={name}"]).task
+
+
+@pytest.fixture(scope="module")
+def root() -> str:
+    """The official data files (PAPEFT_DATA, else ../shared/data); skips the test where they are absent."""
+    path = data_root()
+    if not path.is_dir():
+        pytest.skip(f"data root {path} not found: set PAPEFT_DATA to the shared data directory")
+    return str(path)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
@@ -10,17 +9,9 @@ import pytest
 
 from conftest import task_config
 from papeft.tasks import TASKS, DataError, Example, Splits, get_task
+from papeft.tasks.base import RawRow
 
-REPO = Path(__file__).resolve().parents[1]
-DATA_ROOT = Path(os.environ.get("PAPEFT_DATA") or REPO.parent / "shared" / "data")
 TASK_NAMES = ("copa", "boolq", "rte", "sst2")
-
-
-@pytest.fixture(scope="module")
-def root() -> str:
-    if not DATA_ROOT.is_dir():
-        pytest.skip(f"data root {DATA_ROOT} not found: set PAPEFT_DATA to the shared data directory")
-    return str(DATA_ROOT)
 
 
 def cfg(**overrides) -> dict:
@@ -316,3 +307,13 @@ def test_an_unknown_task_key_is_an_error_naming_the_key_and_the_task(root):
         get_task("rte").load({**cfg(), "seed": 1}, root)
     with pytest.raises(ValueError, match=r"task copa: task\.split_protocol='random'"):
         get_task("copa").load(cfg(split_protocol="random"), root)
+
+
+def test_boolq_reads_bool_and_hub_int_labels():
+    """Local BoolQ files hold JSON bools, the hub's ClassLabel ints 0/1: both map to the label words
+    (with bool and int dict keys, 1 == True collapsed the two and the hub's 1 was an unknown label)."""
+    task = get_task("boolq")
+    row = {"question": "is it?", "passage": "It is."}
+    words = [task.to_example(RawRow(f"row {i}", i, {**row, "label": label}), "test").response
+             for i, label in enumerate([True, False, 1, 0])]
+    assert words == ["yes", "no", "yes", "no"]

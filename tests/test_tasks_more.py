@@ -3,7 +3,6 @@ malformed input, hub loaders (monkeypatched: no network). Their metrics: test_ta
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -15,17 +14,8 @@ import papeft.tasks.qa  # noqa: F401  (squad, record)
 from conftest import task_config
 from papeft.tasks.base import DataError, Example, get_task
 
-REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-DATA_ROOT = Path(os.environ.get("PAPEFT_DATA") or REPO.parent / "shared" / "data")
 NEW_TASKS = {"qnli": 8, "squad": 32, "record": 32, "e2e": 64, "gsm8k": 256}  # name -> max_new_tokens
-
-
-@pytest.fixture(scope="module")
-def root() -> str:
-    if not DATA_ROOT.is_dir():
-        pytest.skip(f"data root {DATA_ROOT} not found: set PAPEFT_DATA to the shared data directory")
-    return str(DATA_ROOT)
 
 
 def cfg(**overrides) -> dict:

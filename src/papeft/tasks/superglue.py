@@ -27,7 +27,7 @@ COPA = register_task(PromptTask(
 BOOLQ = register_task(PromptTask(
     "boolq", train_file="train.jsonl", val_file="val.jsonl",
     template="Reference document:\n{passage}\nQuestion:\n{question}",
-    label_words={True: "yes", False: "no", 1: "yes", 0: "no"},  # hub ClassLabel: 0 False, 1 True
+    label_words={"true": "yes", "false": "no", "1": "yes", "0": "no"},  # local: JSON bools; hub ClassLabel: 0, 1
     label_fields=("label", "answer"),  # google/boolq calls it "answer"
     hub_ids=[("super_glue", "boolq"), ("aps/super_glue", "boolq"), ("google/boolq", None)]))
 
