@@ -82,3 +82,12 @@ def root() -> str:
     if not path.is_dir():
         pytest.skip(f"data root {path} not found: set PAPEFT_DATA to the shared data directory")
     return str(path)
+
+
+def tuned_method_yamls() -> list[Path]:
+    """configs/method/*.yaml of every method that trains weights (all but the zero-shot floor)."""
+    from omegaconf import OmegaConf
+
+    from papeft.methods import METHODS
+    paths = sorted((REPO / "configs" / "method").glob("*.yaml"))
+    return [p for p in paths if METHODS[OmegaConf.load(p).type].tunes_weights]

@@ -7,9 +7,9 @@ from papeft.train.loss import full_logits_token_loss, read_positions, response_t
 from papeft.tasks.prompting import Encoded, collate_train
 from papeft.train.trainer import Trainer, TrainerConfig
 from papeft.methods import build_method
-from conftest import REPO, tiny_model
+from conftest import REPO, tiny_model, tuned_method_yamls
 
-METHODS = sorted(p.stem for p in (REPO / "configs/method").glob("*.yaml"))
+METHODS = [p.stem for p in tuned_method_yamls()]
 CELLS = [(m, "llama") for m in METHODS] + [(m, a) for m in ("lora", "parade", "prompt_tuning", "ptuning_v2", "lopa")
                                            for a in ("gemma", "gpt2", "gpt_neox")]
 

@@ -8,9 +8,9 @@ from omegaconf import OmegaConf
 
 from papeft.methods import build_method
 from papeft.methods.prompt_aware import PromptAwareModel
-from conftest import REPO, VOCAB, tiny_model
+from conftest import REPO, VOCAB, tiny_model, tuned_method_yamls
 
-METHOD_YAMLS = sorted((REPO / "configs/method").glob("*.yaml"))
+METHOD_YAMLS = tuned_method_yamls()
 ARCHS = ["llama", "gemma", "gpt2", "gpt_neox"]
 CELLS = [(y.stem, a) for y in METHOD_YAMLS for a in ARCHS]
 

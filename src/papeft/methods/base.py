@@ -199,14 +199,15 @@ class MethodSpec:
     name: str
     config_cls: type
     apply: Callable[[nn.Module, Any], AdaptedModel]
+    tunes_weights: bool = True          # False: nothing to train (the zero-shot floor)
 
 
 METHODS: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, config_cls: type):
+def register_method(name: str, config_cls: type, tunes_weights: bool = True):
     def deco(fn: Callable[[nn.Module, Any], AdaptedModel]):
-        METHODS[name] = MethodSpec(name, config_cls, fn)
+        METHODS[name] = MethodSpec(name, config_cls, fn, tunes_weights)
         return fn
     return deco
 

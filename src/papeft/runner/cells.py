@@ -252,7 +252,8 @@ def _train_and_test(cfg: DictConfig, seed: int, out: Path, chash: str, parallel:
     metrics = {
         "backbone": cfg.backbone.name, "method": cfg.method.name, "method_type": cfg.method.get("type"),
         "task": task.name, "seed": seed, "experiment": cfg.get("experiment_name"), "config_hash": chash,
-        "metric": task.metric, "score": result.score, "metrics": result.metrics, **adapted.param_counts(),
+        "metric": task.metric, "score": result.score, "metrics": result.metrics,
+        "majority_class": task.majority_class(splits.train, splits.test), **adapted.param_counts(),
         "train_time_s": fit["train_time_s"], "train_tokens_per_s": fit["train_tokens_per_s"],
         "steps": fit["steps"], "stopped_early": fit["stopped_early"], "batch_size": fit["batch_size"],
         "best_step": fit["best_step"], "resumed_from_step": fit["resumed_from_step"],

@@ -143,6 +143,12 @@ class Task:
         """Secondary metrics reported beside the main one (e.g. EM and F1 apart, BLEU)."""
         return {}
 
+    def majority_class(self, train: list[Example], test: list[Example]) -> dict | None:
+        """The floor of a task with a closed label set: the training split's most frequent response
+        (ties: the first in sorted order) answered for every test example, scored like a method.
+        None for tasks with open-ended responses."""
+        return None
+
     def evaluate(self, generate: Callable[[list], list[str]], examples: list[Example]) -> "Evaluation":
         """Generate a response per example and score it. `generate` takes prompts (a string, or a
         chat as a list of {"role", "content"} messages) and returns one response each. Tasks that

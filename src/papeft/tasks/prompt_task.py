@@ -10,6 +10,7 @@ The classification tasks are instances (`superglue.py`: COPA, BoolQ, RTE; `glue.
 from __future__ import annotations
 
 import string
+from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -48,6 +49,13 @@ class PromptTask(Task):
     def score(self, predictions: list[str], examples: list[Example]) -> float:
         """Accuracy in percent; a prediction matching a longer label of this task never counts."""
         return accuracy(predictions, examples, self.labels)
+
+    def majority_class(self, train: list[Example], test: list[Example]) -> dict | None:
+        if not self.label_words or not train:              # free-text subclasses: no label set
+            return None
+        counts = Counter(e.response for e in train)
+        label = min(counts, key=lambda word: (-counts[word], word))
+        return {"label": label, "score": self.score([label] * len(test), test)}
 
     # ------------------------------------------------------------------ rows -> examples
 

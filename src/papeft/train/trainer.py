@@ -157,6 +157,8 @@ class Trainer:
         cfg = self.cfg
         if not train:
             raise ValueError("the training split is empty: check task.max_train_samples and the data files")
+        if not any(p.requires_grad for p in self.model.parameters()):
+            return self._fit_nothing(dev, cfg.effective_batch_size(len(train)), save_dir)
         outer = self.model.outer_parameters()
         d_val: list[Encoded] = []
         if outer:                                  # bi-level: D_val leaves the training set before planning
@@ -218,6 +220,18 @@ class Trainer:
                 "train_time_s": train_time, "train_tokens": st.tokens,
                 "train_tokens_per_s": st.tokens / max(train_time, 1e-9), "history": st.history,
                 "resumed_from_step": resumed_from, "precision": self.precision.name}
+
+    def _fit_nothing(self, dev: list[Encoded], batch_size: int, save_dir) -> dict:
+        """A method with no tunable weight (the zero-shot floor): its dev loss once, no step, no checkpoint."""
+        self.model.eval()
+        dev_loss = self.dev_loss(dev) if dev else None
+        history = [{"step": 0, "train_loss": None, "dev_loss": dev_loss}] if dev else []
+        if save_dir is not None and self.parallel.is_main:
+            self.model.save_adapter(save_dir)                     # the config alone: no tensor to save
+        return {"steps": 0, "planned_steps": 0, "stopped_early": False, "batch_size": batch_size,
+                "best_step": 0, "best_dev_loss": dev_loss, "train_time_s": 0.0, "train_tokens": 0,
+                "train_tokens_per_s": 0.0, "history": history, "resumed_from_step": None,
+                "precision": self.precision.name}
 
     def _step(self, examples: list[Encoded], micro: int, params: list, st: TrainState, parts: dict) -> float:
         """One optimizer step (plus the outer step of a bi-level method); refuses NaN/inf."""
