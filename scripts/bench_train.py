@@ -49,7 +49,7 @@ from papeft.serving.memory import TensorPeak, sync
 from papeft.tasks import get_task
 from papeft.train.trainer import Trainer, TrainerConfig
 from papeft.methods import build_method
-from papeft.paths import config_group
+from papeft.paths import composed, config_group
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_METHODS = "lora,parade,pedro,ia3,ptuning_v2"
@@ -77,8 +77,7 @@ def examples_for(args, vocab: int) -> list[Encoded]:
     cfg = backbone_cfg(args)
     tok = load_tokenizer(cfg)
     fmt = PromptFormatter(tok, cfg.get("chat_template", "auto"), cfg.get("system_prompt"), 2048)
-    task_cfg = OmegaConf.load(config_group("task") / f"{args.task}.yaml")
-    task_cfg.max_train_samples = args.batch_size
+    task_cfg = {**composed("task", args.task), "max_train_samples": args.batch_size}
     splits = get_task(args.task).load(task_cfg, os.environ.get("PAPEFT_DATA", "data"))
     if len(splits.train) < args.batch_size:
         raise SystemExit(f"task {args.task}: {len(splits.train)} training examples, --batch-size {args.batch_size}")

@@ -70,9 +70,10 @@ def within_float32_ulps(a: torch.Tensor, b: torch.Tensor, ulps: int = 64) -> Non
 
 def task_config(name: str):
     """configs/task/{name}.yaml as the run composes it (its defaults list merged in), as a DictConfig."""
-    from hydra import compose, initialize_config_dir
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose("config", overrides=[f"task={name}"]).task
+    from omegaconf import OmegaConf
+
+    from papeft.paths import composed
+    return OmegaConf.create(composed("task", name))
 
 
 @pytest.fixture(scope="module")

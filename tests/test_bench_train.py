@@ -42,3 +42,18 @@ def test_training_benchmark_rejects_unknown_names():
         bench.parse_args(["--methods", "lora,dora"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--precisions", "fp8"])
+
+
+def test_training_benchmark_reads_a_task_as_a_run_composes_it(root, monkeypatch):
+    """The step's examples come from the task's composed config (its split settings live in
+    task/shared/split.yaml, reached through the file's defaults list), tokenised by the real backbone."""
+    from types import SimpleNamespace
+
+    from papeft.paths import composed
+    bench = load_script("bench_train")
+    task = composed("task", "copa")
+    assert "defaults" not in task and task["split_protocol"] == "paper" and task["name"] == "copa"
+    monkeypatch.setenv("PAPEFT_DATA", root)
+    args = SimpleNamespace(seq_len=None, task="copa", batch_size=3, backbone="smollm2_135m", dtype=None)
+    examples = bench.examples_for(args, vocab=49152)
+    assert len(examples) == 3 and all(e.prompt and e.response for e in examples)

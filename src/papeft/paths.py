@@ -45,3 +45,15 @@ def config_dir() -> Path:
 def config_group(group: str) -> Path:
     """One config group's folder, e.g. `config_group("backbone")` -> configs/backbone."""
     return config_dir() / group
+
+
+def composed(group: str, name: str) -> dict:
+    """configs/<group>/<name>.yaml as a run composes it (its defaults list merged in), resolved: what a
+    script outside Hydra's entry point must use instead of loading the file (a task file's split settings
+    live in task/shared/split.yaml)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=[f"{group}={name}"])
+    return OmegaConf.to_container(cfg[group], resolve=True)
