@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
 
-from papeft.paths import config_group
 
 PAIRWISE_TEMPLATE = """Task Introduction
 you will be given a query, and two responses from two assistants, could you compare the two responses, and do the following:
@@ -190,13 +189,12 @@ def backbone_config(spec: str | Mapping[str, Any]) -> dict:
     """A backbone config: a mapping as given, or a name read from configs/backbone/NAME.yaml."""
     if isinstance(spec, Mapping):
         return dict(spec)
-    from omegaconf import OmegaConf
+    from papeft.backbone import loading
 
-    path = config_group("backbone") / f"{spec}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in config_group("backbone").glob("*.yaml"))
-        raise JudgeError(f"judge.backbone={spec!r}: {path} does not exist; known backbones: {known}")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    try:
+        return loading.backbone_config(spec)
+    except FileNotFoundError as exc:
+        raise JudgeError(f"judge.backbone={spec!r}: {exc}") from None
 
 
 def load_backbone(cfg: dict):  # indirection so tests can substitute a tiny model
