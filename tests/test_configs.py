@@ -60,7 +60,7 @@ def compose_exp(*overrides):
 def test_experiment_names_its_outputs_and_grid(name):
     cfg = compose_exp(f"experiment={name}")
     assert cfg.experiment_name == name
-    assert cfg.output_root == f"results/{name}/runs" and name in cfg.hydra.sweep.dir
+    assert cfg.output_root.startswith(f"results/{name}/runs") and name in cfg.hydra.sweep.dir   # + lr<rate>/ (selections)
     params = cfg.hydra.sweeper.params or {}
     assert bool(params) != ("bench" in cfg)                     # a sweep, or a benchmark pointer (Table 4)
     for group in ("method", "task", "backbone"):                # every swept name has its YAML
@@ -78,11 +78,21 @@ def test_every_paper_table_has_a_cpu_twin():
     assert compose_exp("experiment=paper_table1").backbone.name == "llama2_7b"
 
 
-def test_cpu_twins_use_dev_only_where_the_train_file_is_absent():
-    for task, protocol in [("boolq", "dev_only"), ("squad", "dev_only"), ("qnli", "dev_only"), ("copa", "paper")]:
-        cfg = compose_exp("experiment=cpu_table1", f"task={task}")
-        assert cfg.task.split_protocol == protocol and cfg.task.max_train_samples == 480
-        assert cfg.trainer.max_steps == 60 and cfg.trainer.lr == 1e-4
+def test_cpu_protocol_splits_run_lengths_and_cuts():
+    """trainer=cpu states the CPU protocol once: split per task (dev_only where the train file is absent,
+    full_test where a larger labelled test set exists), run length per task, separate dev/test caps."""
+    for task, protocol in [("boolq", "dev_only"), ("squad", "dev_only"), ("qnli", "dev_only"), ("copa", "full_test"),
+                           ("rte", "full_test"), ("sst2", "full_test"), ("e2e", "paper")]:
+        for experiment in ("cpu_table1", "cpu_table7", "cpu_pilot"):
+            cfg = compose_exp(f"experiment={experiment}", f"task={task}")
+            assert cfg.task.split_protocol == protocol and cfg.task.max_train_samples is None
+            assert cfg.task.max_dev_samples == 64 and cfg.trainer.batch_size == 8 and cfg.trainer.num_beams == 1
+            assert cfg.trainer.max_steps == cfg.cpu_steps.get(task, 48)
+            assert f"{cfg.trainer.max_steps} optimizer steps at batch 8" in cfg.cuts[0]
+    assert compose_exp("experiment=cpu_pilot", "task=rte").trainer.max_steps == 32            # the pilot runs longer
+    assert compose_exp("experiment=cpu_table1", "task=rte").trainer.max_steps < 32
+    assert compose_exp("experiment=cpu_pilot", "task=rte").task.max_test_samples == 64
+    assert compose_exp("experiment=cpu_table3").task.max_test_samples == 16
 
 
 def test_budget_sweep_sets_rank_and_run_name():

@@ -11,7 +11,7 @@ from papeft.runner import cells as runner
 from conftest import REPO
 
 TINY = ["backbone=tiny_llama", "trainer=smoke", "trainer.progress=false", "task.max_eval_samples=4",
-        "wandb.enabled=false"]
+        "wandb.enabled=false", "floor_run=false"]
 
 
 def run_py(args, tmp_path, data_root):
@@ -42,6 +42,12 @@ def test_smoke_run_on_the_real_backbone(tmp_path, shared_data):
     assert env["packages"]["torch"] and env["packages"]["transformers"] and env["packages"]["peft"]
     assert env["device"].startswith("cpu") and env["git"]["dirty"] in (True, False)
     assert len(env["git"]["commit"]) == 40
+    # the floor beside the score: the zero_shot cell of the same config ran once, at seed 0
+    floor = json.loads((tmp_path / "runs/smollm2_135m/zero_shot/copa/seed0/metrics.json").read_text())
+    assert floor["steps"] == 0 and floor["n_test"] == 16 and floor["config_hash"] != metrics["config_hash"]
+    majority = metrics["majority_class"]
+    assert (f"the floor: majority class ({majority['label']!r}) {majority['score']:.2f}; "
+            f"zero-shot (the frozen backbone) {floor['score']:.2f}") in stdout
 
 
 def test_seed_range_writes_median_tables(tmp_path, shared_data):

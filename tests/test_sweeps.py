@@ -13,7 +13,7 @@ import yaml
 from papeft.runner.sweep import expand
 from conftest import REPO
 
-TINY = ["backbone=tiny_llama", "trainer=smoke", "trainer.progress=false", "task.max_eval_samples=4"]
+TINY = ["backbone=tiny_llama", "trainer=smoke", "trainer.progress=false", "task.max_eval_samples=4", "floor_run=false"]
 
 
 def run_py(args, tmp_path, data, env=()):

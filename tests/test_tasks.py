@@ -234,7 +234,7 @@ def test_accuracy_cases(prediction, gold, correct):
 
 
 def test_longest_label_wins_over_a_gold_prefix():
-    from papeft.tasks.base import is_correct
+    from papeft.tasks.metrics import is_correct
 
     assert is_correct("a b c", ["a"])  # gold followed by a boundary
     assert not is_correct("a b c", ["a"], labels=["a", "a b"])  # but it is really the label "a b"

@@ -52,8 +52,12 @@ def composed(group: str, name: str) -> dict:
     script outside Hydra's entry point must use instead of loading the file (a task file's split settings
     live in task/shared/split.yaml)."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+    if GlobalHydra.instance().is_initialized():             # inside run.py (or a test's initialize())
         cfg = compose("config", overrides=[f"{group}={name}"])
+    else:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose("config", overrides=[f"{group}={name}"])
     return OmegaConf.to_container(cfg[group], resolve=True)

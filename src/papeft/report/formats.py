@@ -52,7 +52,7 @@ def tasks_of(rows: list[Row], paper: PaperTable | None = None) -> list[tuple[str
 
 
 def expected_seeds(rows: list[Row]) -> int:
-    return max((c.n + c.failed + len(c.unscored) for r in rows for c in r.cells.values()), default=0)
+    return max((c.n + c.failed + len(c.unscored) for r in rows if not r.floor for c in r.cells.values()), default=0)
 
 
 def unscored_lines(rows: list[Row]) -> list[str]:
@@ -62,7 +62,7 @@ def unscored_lines(rows: list[Row]) -> list[str]:
 
 def _ranks(rows: list[Row], task: str, metric: str) -> dict[str, int]:
     """Map each displayed value of a column to 1 (best) or 2 (second); needs >= 2 values."""
-    shown = [f"{r.cells[task].median:.1f}" for r in rows if task in r.cells and r.cells[task].n]
+    shown = [f"{r.cells[task].median:.1f}" for r in rows if task in r.cells and r.cells[task].n and not r.floor]
     if len(shown) < 2:
         return {}
     order = sorted(set(shown), key=float, reverse=metric.lower() not in LOWER_IS_BETTER)
@@ -86,10 +86,10 @@ def _cells(rows: list[Row], tasks: list[tuple[str, str]], mark: dict[int, Callab
                 cells.append(NAN + (f" ({flags[0]})" if cell.failed else "") if cell.unscored else failed)
                 continue
             text = f"{cell.median:.1f}"
-            text = mark.get(ranks.get(text), str)(text)
+            text = text if row.floor else mark.get(ranks.get(text), str)(text)
             if iqr is not None and cell.n > 1:
                 text += iqr(f"{cell.iqr:.1f}")
-            if cell.n < expected:
+            if cell.n < expected and not row.floor:
                 text += f" (n={cell.n}" + "".join(f", {f}" for f in flags) + ")"
             cells.append(text)
     return out
@@ -102,7 +102,9 @@ def _paper_cells(paper: PaperTable, tasks: list[tuple[str, str]]) -> list[tuple[
 
 
 FOOTER = ("Median over seeds, [interquartile range] when there are several; best per column in bold, "
-          "second in italics; `(n=k)`: fewer complete seeds than expected; `failed`: every run failed; "
+          "second in italics; `(n=k)`: fewer complete seeds than expected; floor rows first (`majority class`: "
+          "the training split's most frequent label for every test example; `zero_shot`: the frozen backbone "
+          "with the task's prompts, deterministic, one run); `failed`: every run failed; "
           f"`{NAN}`: every finished run reported a NaN score (listed below); `{MISSING}`: not run.")
 
 
@@ -192,6 +194,8 @@ def to_latex(rows: list[Row], notes: Sequence[str] = (), paper: PaperTable | Non
     lines += [r"\bottomrule", r"\end{tabular}"]
     legend = "Median over seeds" + (", [interquartile range]" if iqr else "") + \
              "; best per column in bold, second underlined; (n=k): fewer complete seeds than expected; " \
+             "floor rows first (majority class: the training split's most frequent label; zero_shot: the " \
+             "frozen backbone, one run); " \
              "NaN: every finished run reported a NaN score."
     lines.append(rf"\par\footnotesize {tex_escape(legend)}")
     lines += [rf"\par\footnotesize {tex_escape('Without a score: ' + line)}" for line in unscored_lines(rows)]

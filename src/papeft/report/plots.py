@@ -79,6 +79,36 @@ def plot_budget(series: dict[str, Sequence[tuple[float, float, float, float]]], 
     return save_figure(fig, stem)
 
 
+def plot_methods_budget(panels: dict[str, dict[str, tuple[float, float, float, float]]], floors: dict[str, float],
+                        stem: str | Path, title: str | None = None, ylabel: str = "score") -> list[Path]:
+    """Score against tunable parameters at each method's own budget (the paper's budget plot, one point
+    per method): a panel per task, the IQR over seeds as error bars, the task's floor as a dashed line.
+
+    `panels` maps task -> method -> (tunable params, median, q25, q75); `floors` task -> floor score."""
+    if not panels:
+        raise ValueError("plot_methods_budget needs at least one task")
+    tasks = sorted(panels)
+    fig = Figure(figsize=(3.6 * len(tasks), 3.2), layout="constrained")
+    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
+    methods = sorted({m for points in panels.values() for m in points})
+    for ax, task in zip(axes, tasks):
+        for method, (params, median, q25, q75) in sorted(panels[task].items()):
+            i = methods.index(method)
+            ax.errorbar([params], [median], yerr=[[median - q25], [q75 - median]], fmt="os^Dv<>ph*"[i % 10],
+                        color=f"C{i % 10}", ms=5, capsize=2, label=method)
+        if task in floors:
+            ax.axhline(floors[task], color="0.5", ls="--", lw=1.0, label="floor")
+        ax.set_xscale("log")
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("tunable parameters (weights, no biases)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=6, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return save_figure(fig, stem)
+
+
 def save_figure(fig: Figure, stem: str | Path, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
     """Write `{stem}.{fmt}` for each format, atomically; return the paths."""
     stem = Path(stem)

@@ -32,6 +32,14 @@ class Cell:
         return quantile(self.scores, 0.75) - quantile(self.scores, 0.25)
 
 
+# The floor of every table: the frozen backbone with the task's prompts (a method that trains nothing,
+# deterministic, so one run per task) and the training split's most frequent label answered for every
+# test example. Floor rows come first, never take a best/second mark, never count as short of seeds.
+ZERO_SHOT = "zero_shot"
+MAJORITY = "majority class"
+FLOOR_METHODS = (MAJORITY, ZERO_SHOT)
+
+
 @dataclass
 class Row:
     """One table row: a (backbone, method) pair and its cells keyed by task."""
@@ -40,6 +48,10 @@ class Row:
     method: str
     params: list[int] = field(default_factory=list)
     cells: dict[str, Cell] = field(default_factory=dict)
+
+    @property
+    def floor(self) -> bool:
+        return self.method in FLOOR_METHODS
 
 
 def quantile(values: Sequence[float], q: float) -> float:

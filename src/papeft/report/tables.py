@@ -27,7 +27,8 @@ from typing import Any, Iterable, Sequence
 from papeft.io import write_text
 from papeft.report.formats import to_csv, to_latex, to_markdown
 from papeft.report.provenance import short_commit
-from papeft.report.rows import Cell, Row, quantile
+from papeft.report.reproduction import majority_scores, protocol_lines, write_reproduction
+from papeft.report.rows import FLOOR_METHODS, MAJORITY, Cell, Row, quantile
 
 REQUIRED = ("backbone", "method", "task", "seed", "metric", "score",
             "params_trainable_no_bias", "status")
@@ -189,7 +190,9 @@ def median_table(records: Iterable[dict], failures: Iterable[dict] = (), order: 
         key = (str(fail["backbone"]), str(fail["method"]))
         row = rows.setdefault(key, Row(*key))
         row.cells.setdefault(str(fail["task"]), Cell(None, [])).failed += 1
-    rank = {m: i for i, m in enumerate(order)}
+    for (backbone, task), (metric, score) in majority_scores(good).items():
+        rows.setdefault((backbone, MAJORITY), Row(backbone, MAJORITY, [0])).cells[task] = Cell(metric, [score])
+    rank = {m: i for i, m in enumerate([*FLOOR_METHODS, *order])}
     return [rows[k] for k in sorted(rows, key=lambda k: (k[0], rank.get(k[1], len(rank)), k[1]))]
 
 
@@ -241,11 +244,15 @@ def budget_series(records: Iterable[dict]) -> dict[str, dict[str, list[tuple[int
 
 
 def write_tables(run_dirs_or_metrics: Sequence[Path | str | dict], out_stem: Path | str,
-                 paper: str | None = None, iqr: bool = True) -> dict[str, Path]:
+                 paper: str | None = None, iqr: bool = True, reference: str | None = None,
+                 claims_from: Path | None = None) -> dict[str, Path]:
     """Write ``<out_stem>.md/.csv/.tex`` (atomically) from run dirs, metrics files or dicts.
 
     Directories are scanned recursively for ``metrics.json`` and ``failed.json``. `paper` names a
-    table of papeft.report.paper_numbers printed under ours. Raises ``ValueError`` when there is no run.
+    table of papeft.report.paper_numbers printed under ours. `reference` (a method) adds the
+    interval and paired-difference tables (papeft.report.reproduction); `claims_from` (the folder of
+    the committed benchmarks) the claims table (papeft.report.claims). Raises ``ValueError`` when
+    there is no run.
     """
     from papeft.report.paper_numbers import get_table
     records: list[dict] = []
@@ -262,7 +269,8 @@ def write_tables(run_dirs_or_metrics: Sequence[Path | str | dict], out_stem: Pat
         raise ValueError("no complete or failed runs to tabulate")
     done = {_key(r) for r in records if isinstance(r, dict) and not _problem(r)}
     failures = [f for f in failures if _key(f) not in done]
-    notes = [code_note(records)] + collect_notes(records)
+    good = _dedupe([r for r in records if isinstance(r, dict) and not _problem(r)])
+    notes = [code_note(records)] + protocol_lines(good) + collect_notes(records)
     stem = Path(out_stem)
     texts = {"md": to_markdown(rows, notes, table, failures, iqr), "csv": to_csv(rows, table),
              "tex": to_latex(rows, notes, table, iqr)}
@@ -270,19 +278,39 @@ def write_tables(run_dirs_or_metrics: Sequence[Path | str | dict], out_stem: Pat
     for ext, text in texts.items():
         paths[ext] = stem.with_name(f"{stem.name}.{ext}")
         write_text(paths[ext], text)
+    if reference is not None:
+        paths.update(write_reproduction(good, stem, reference, [r.method for r in rows], notes))
+    if claims_from is not None:
+        from papeft.report.claims import write_claims
+        from papeft.report.reproduction import group_runs
+        paths.update(write_claims(good, group_runs(good), Path(claims_from), stem, notes))
     return paths
 
 
 def write_plots(root: Path, out_dir: Path) -> list[Path]:
     """Figure 2 (score against tunable parameters, one panel per task) as PNG and PDF, plus an
     index linking every per-run figure (PEDRO's learned activations) found in the runs' artifacts."""
-    from papeft.report.plots import plot_budget
+    from papeft.report.plots import plot_budget, plot_methods_budget
     records = collect(root)
     written: list[Path] = []
     for task, series in budget_series(records).items():
         metric = next(r["metric"] for r in records if r["task"] == task)
         written += plot_budget(series, out_dir / f"budget-{task}", title=f"{task}: score against tunable parameters",
                                ylabel=metric)
+    table = median_table(records)
+    panels = {task: {row.method: (max(row.params), c.median, quantile(c.scores, 0.25), quantile(c.scores, 0.75))
+                     for row in table if not row.floor and row.params and max(row.params) > 0
+                     for t, c in row.cells.items() if t == task and c.n}
+              for task in sorted({str(r["task"]) for r in records})}
+    panels = {t: p for t, p in panels.items() if len(p) > 1}
+    if panels:
+        floors: dict[str, float] = {}
+        for row in table:
+            for task, cell in row.cells.items():
+                if row.floor and cell.n and task in panels:
+                    floors[task] = max(floors.get(task, cell.median), cell.median)
+        written += plot_methods_budget(panels, floors, out_dir / "budget-methods",
+                                       title="score against tunable parameters, each method at its own budget")
     figures = sorted({Path(a) for r in records for a in r.get("artifacts") or [] if str(a).endswith((".png", ".pdf"))})
     figures = [f for f in figures if f.exists()]
     if written or figures:
@@ -310,6 +338,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                   "table6, table7_gpt2_large, table7_pythia_1_4b")
     ap.add_argument("--plots", action="store_true", help="also write figures (PNG + PDF) under OUT/plots/")
     ap.add_argument("--no-iqr", dest="iqr", action="store_false", help="medians only (the paper's layout)")
+    ap.add_argument("--reference", default=None, metavar="METHOD", help="also write NAME-intervals.* (95%% bootstrap "
+                    "interval per cell) and NAME-paired.* (METHOD minus each method, paired by seed and example)")
+    ap.add_argument("--claims", type=Path, default=None, metavar="BENCH_DIR", help="also write NAME-claims.{md,csv}: "
+                    "each testable claim of the papers with a verdict (speed claims from BENCH_DIR's benchmarks)")
     args = ap.parse_args(argv)
     if not args.dir.is_dir():
         print(f"error: {args.dir} is not a directory", file=sys.stderr)
@@ -319,7 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     out = args.out or args.dir
     try:
-        paths = write_tables([args.dir], out / args.name, paper=args.paper, iqr=args.iqr)
+        paths = write_tables([args.dir], out / args.name, paper=args.paper, iqr=args.iqr, reference=args.reference,
+                             claims_from=args.claims)
     except (ValueError, KeyError) as exc:
         print(f"error: {exc} under {args.dir}", file=sys.stderr)
         return 1

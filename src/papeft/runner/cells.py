@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from papeft.backbone.loading import load_backbone
 from papeft.runner.cell_lock import CellLock, CellLocked
@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 
 METRICS, FAILED = "metrics.json", "failed.json"
 RESUME_MODES = ("auto", "never")
-ACTIVATIONS_STEM = "rational_activations"      # PEDRO Figure 2: {stem}.png and {stem}.pdf in the run folder
+ACTIVATIONS_STEM = "rational_activations"
+ZERO_SHOT = "zero_shot"                         # the floor method (configs/method/zero_shot.yaml)      # PEDRO Figure 2: {stem}.png and {stem}.pdf in the run folder
 
 
 def parse_seeds(value) -> list[int]:
@@ -291,6 +292,31 @@ def _record_failure(cfg: DictConfig, seed: int, out: Path, chash: str, exc: Base
         "time": datetime.datetime.now().isoformat(timespec="seconds")})
 
 
+def floor_config(cfg: DictConfig) -> DictConfig:
+    """The same run with the zero-shot method at seed 0: the frozen backbone on the same splits and decoding."""
+    from papeft.paths import composed
+    floor = cfg.copy()
+    with open_dict(floor):
+        floor.method = OmegaConf.create(composed("method", ZERO_SHOT))
+        floor.seed = 0
+    return floor
+
+
+def print_floor(cfg: DictConfig, metrics: dict | None) -> None:
+    """Print the task's floor beside the score: the majority-class rate and the zero-shot score (the
+    zero_shot cell of this config, run once and then skipped like any finished cell)."""
+    zero = run_single(floor_config(cfg), 0, raise_on_failure=False)
+    parts = []
+    majority = (metrics or zero or {}).get("majority_class")
+    if majority:
+        parts.append(f"majority class ({majority['label']!r}) {majority['score']:.2f}")
+    if zero:
+        parts.append(f"zero-shot (the frozen backbone) {zero['score']:.2f}")
+    score = f"{metrics['metric']} {metrics['score']:.2f} against " if metrics else ""
+    print(f"[{cfg.backbone.name} / {cfg.method.name} / {cfg.task.name}] {score}the floor: "
+          + ("; ".join(parts) if parts else "unavailable (the zero-shot run failed)"))
+
+
 def run(cfg: DictConfig) -> list[dict]:
     """Every seed of `cfg.seed`; with more than one, also the median table under results/tables/.
 
@@ -300,6 +326,8 @@ def run(cfg: DictConfig) -> list[dict]:
     seeds = parse_seeds(cfg.seed)
     multirun = in_multirun()
     results = {s: run_single(cfg, s, raise_on_failure=len(seeds) == 1 and not multirun) for s in seeds}
+    if cfg.get("floor_run", False) and read_configs(cfg).method[0].tunes_weights and Parallel.is_main_process():
+        print_floor(cfg, next((m for m in results.values() if m), None))
     if len(seeds) > 1 and any(results.values()) and Parallel.is_main_process():
         name = f"{cfg.backbone.name}-{cfg.method.name}-{cfg.task.name}-seeds{seeds[0]}-{seeds[-1]}"
         stem = Path(cfg.tables_root) / name

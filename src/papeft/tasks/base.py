@@ -13,15 +13,15 @@ import dataclasses
 import json
 import os
 import random
-import re
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, NamedTuple, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Iterator, Mapping, NamedTuple, Sequence, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
 from papeft.config_checks import Check, ConfigError, at_least, make_config, one_of
+
+from .metrics import accuracy   # label accuracy, the score of every classification task
 
 T = TypeVar("T")
 
@@ -66,12 +66,14 @@ class TaskConfig:
     source: str = "local"                    # local: official files under the data root | hub
     max_train_samples: int | None = None     # cap train after splitting; null = all
     max_eval_samples: int | None = None      # cap dev and test each; null = all
+    max_dev_samples: int | None = None       # cap dev alone (wins over max_eval_samples); null = max_eval_samples
+    max_test_samples: int | None = None      # cap test alone (wins over max_eval_samples); null = max_eval_samples
     max_new_tokens: int = 16                 # generation budget of a response
 
     CHECKS: ClassVar[dict[str, Check]] = {
         "name": Check("a non-empty string", lambda v: bool(v.strip())), "split_protocol": one_of(*SPLIT_PROTOCOLS),
         "source": one_of(*SOURCES), "max_train_samples": at_least(1), "max_eval_samples": at_least(1),
-        "max_new_tokens": at_least(1)}
+        "max_dev_samples": at_least(1), "max_test_samples": at_least(1), "max_new_tokens": at_least(1)}
 
 
 def paper_only(why: str) -> Check:
@@ -119,16 +121,25 @@ class Task:
         config = cfg if isinstance(cfg, self.config_cls) else self.parse_config(cfg)
         drawn = self.draw(config, data_root)
         seed, max_train, max_eval = config.split_seed, config.max_train_samples, config.max_eval_samples
+        max_dev, max_test = (own if own is not None else max_eval
+                             for own in (config.max_dev_samples, config.max_test_samples))
         notes = list(drawn.notes)
         if max_train is not None and max_train < len(drawn.train):
             notes.append(f"max_train_samples={max_train}: train capped from {len(drawn.train)} examples"
                          + self.cap_how.format(limit=max_train))
-        if max_eval is not None and max_eval < max(len(drawn.dev), len(drawn.test)):
-            notes.append(f"max_eval_samples={max_eval}: dev ({len(drawn.dev)}) and test ({len(drawn.test)}"
-                         f"{self.test_unit}) each capped{self.cap_how.format(limit=max_eval)}; "
-                         f"test is not {self.full_test_set}")
-        splits = Splits(cap(drawn.train, max_train, seed), cap(drawn.dev, max_eval, seed),
-                        cap(drawn.test, max_eval, seed), notes)
+        if (max_dev, max_test) == (max_eval, max_eval):       # one key caps both: one note, as it always read
+            if max_eval is not None and max_eval < max(len(drawn.dev), len(drawn.test)):
+                notes.append(f"max_eval_samples={max_eval}: dev ({len(drawn.dev)}) and test ({len(drawn.test)}"
+                             f"{self.test_unit}) each capped{self.cap_how.format(limit=max_eval)}; "
+                             f"test is not {self.full_test_set}")
+        else:
+            for split, limit, size in (("dev", max_dev, len(drawn.dev)), ("test", max_test, len(drawn.test))):
+                if limit is not None and limit < size:
+                    unit = self.test_unit if split == "test" else ""
+                    notes.append(f"{split} capped to {limit} of {size}{unit}{self.cap_how.format(limit=limit)}"
+                                 + (f"; test is not {self.full_test_set}" if split == "test" else ""))
+        splits = Splits(cap(drawn.train, max_train, seed), cap(drawn.dev, max_dev, seed),
+                        cap(drawn.test, max_test, seed), notes)
         return require_examples(splits, self.name, drawn.sources)
 
     def draw(self, config: TaskConfig, data_root: str | None) -> Drawn:
@@ -353,48 +364,3 @@ def cap(items: Sequence[T], limit: int | None, seed: int) -> list[T]:
     if limit is None or limit >= len(items):
         return list(items)
     return shuffled(items, seed)[:limit]
-
-
-# ---------------------------------------------------------------------------- metric
-
-_EDGE_CHARS = string.whitespace + string.punctuation
-
-
-def normalize_answer(text: str) -> str:
-    """Lowercase, `_` -> space, collapse whitespace, strip surrounding whitespace and punctuation."""
-    text = re.sub(r"\s+", " ", str(text).lower().replace("_", " "))
-    return text.strip(_EDGE_CHARS)
-
-
-def _matched_label(prediction: str, candidates: Iterable[str]) -> str | None:
-    """The longest candidate that equals `prediction` or starts it, followed by a non-alphanumeric."""
-    best = None
-    for cand in candidates:
-        hit = prediction == cand or (
-            cand and prediction.startswith(cand) and not prediction[len(cand)].isalnum())
-        if hit and (best is None or len(cand) > len(best)):
-            best = cand
-    return best
-
-
-def is_correct(prediction: str, answers: Sequence[str], labels: Sequence[str] = ()) -> bool:
-    """Whether `prediction` matches a gold answer.
-
-    A prefix match ("yes." / "1\\n" / "yes, because ...") counts, but the longest matching label
-    wins, so a prediction matching another, longer label (e.g. "not entailment ...") is wrong
-    even if it happened to begin with a gold answer.
-    """
-    pred = normalize_answer(prediction)
-    gold = {normalize_answer(a) for a in answers}
-    found = _matched_label(pred, gold | {normalize_answer(label) for label in labels})
-    return found is not None and found in gold
-
-
-def accuracy(predictions: Sequence[str], examples: Sequence[Example], labels: Sequence[str] = ()) -> float:
-    """Percentage (0..100) of predictions that match their example's answers."""
-    if len(predictions) != len(examples):
-        raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
-    if not examples:
-        raise ValueError("no examples to score")
-    correct = sum(is_correct(p, ex.answers, labels) for p, ex in zip(predictions, examples))
-    return 100.0 * correct / len(examples)

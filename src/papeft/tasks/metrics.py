@@ -15,7 +15,7 @@ import string
 from collections import Counter
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
-from typing import Sequence
+from typing import Iterable, Sequence
 
 # ---------------------------------------------------------------------------- SQuAD / ReCoRD
 
@@ -170,3 +170,48 @@ def final_number_accuracy(predictions: Sequence[str], golds: Sequence[str]) -> f
         expected, found = parse_number(gold), predicted_final_number(prediction)
         correct += expected is not None and found is not None and found == expected
     return 100.0 * correct / len(golds)
+
+
+# ---------------------------------------------------------------------------- label accuracy (every task)
+
+_EDGE_CHARS = string.whitespace + string.punctuation
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, `_` -> space, collapse whitespace, strip surrounding whitespace and punctuation."""
+    text = re.sub(r"\s+", " ", str(text).lower().replace("_", " "))
+    return text.strip(_EDGE_CHARS)
+
+
+def _matched_label(prediction: str, candidates: Iterable[str]) -> str | None:
+    """The longest candidate that equals `prediction` or starts it, followed by a non-alphanumeric."""
+    best = None
+    for cand in candidates:
+        hit = prediction == cand or (
+            cand and prediction.startswith(cand) and not prediction[len(cand)].isalnum())
+        if hit and (best is None or len(cand) > len(best)):
+            best = cand
+    return best
+
+
+def is_correct(prediction: str, answers: Sequence[str], labels: Sequence[str] = ()) -> bool:
+    """Whether `prediction` matches a gold answer.
+
+    A prefix match ("yes." / "1\\n" / "yes, because ...") counts, but the longest matching label
+    wins, so a prediction matching another, longer label (e.g. "not entailment ...") is wrong
+    even if it happened to begin with a gold answer.
+    """
+    pred = normalize_answer(prediction)
+    gold = {normalize_answer(a) for a in answers}
+    found = _matched_label(pred, gold | {normalize_answer(label) for label in labels})
+    return found is not None and found in gold
+
+
+def accuracy(predictions: Sequence[str], examples: Sequence, labels: Sequence[str] = ()) -> float:
+    """Percentage (0..100) of predictions that match their example's answers (`examples`: tasks.base.Example)."""
+    if len(predictions) != len(examples):
+        raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
+    if not examples:
+        raise ValueError("no examples to score")
+    correct = sum(is_correct(p, ex.answers, labels) for p, ex in zip(predictions, examples))
+    return 100.0 * correct / len(examples)

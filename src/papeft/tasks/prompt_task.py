@@ -1,5 +1,5 @@
 """`PromptTask`: the family of tasks read from official files (or the Hugging Face Hub) and filled
-into a prompt template, under the paper's split protocol (PARADE, Appendix B) or dev_only.
+into a prompt template, under the paper's split protocol (PARADE, Appendix B), dev_only or full_test.
 
 A `PromptTask` is parameterised by its official files, a prompt template, a label -> response
 map, its Hugging Face Hub ids, and where the paper's dev set comes from: half of the official
@@ -11,11 +11,33 @@ from __future__ import annotations
 
 import string
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Sequence
 
-from .base import (DATA_ROOT_HINT, DataError, Drawn, Example, RawRow, Task, TaskConfig, accuracy, bad_row, carve,
+from papeft.config_checks import Check, one_of
+
+from .base import (DATA_ROOT_HINT, DataError, Drawn, Example, RawRow, Task, TaskConfig, bad_row, carve,
                    dev_only_split, halve, read_jsonl, read_tsv, resolve_task_dir)
+from .metrics import accuracy
+
+# full_test: the test set is the largest labelled held-out set (the official test set where its labels
+# are released, else the whole official validation file); dev comes from what is left (README, Results).
+PROMPT_SPLIT_PROTOCOLS = ("paper", "dev_only", "full_test")
+
+
+@dataclass
+class PromptTaskConfig(TaskConfig):
+    CHECKS: ClassVar[dict[str, Check]] = {**TaskConfig.CHECKS, "split_protocol": one_of(*PROMPT_SPLIT_PROTOCOLS)}
+
+
+class OfficialTest(NamedTuple):
+    """An official test file whose labels were released apart from it: `read_labels(path)` returns the
+    raw label of each test row, in file order (COPA: COPA-resources/results/gold.test)."""
+
+    file: str                                  # under the task folder, rows without labels
+    labels_file: str                           # under the task folder
+    read_labels: Callable[[Path], list[Any]]
 
 
 def _label_key(raw: Any) -> str:
@@ -26,10 +48,13 @@ def _label_key(raw: Any) -> str:
 class PromptTask(Task):
     """A classification task cast as prompt -> label word, loaded under the paper's split protocol."""
 
+    config_cls = PromptTaskConfig
+
     def __init__(self, name: str, *, train_file: str, val_file: str, template: str,
                  label_words: Mapping[Any, str], label_fields: Sequence[str] = ("label",),
                  value_maps: Mapping[str, Mapping[str, str]] | None = None,
-                 dev_from_train: int | None = None, hub_ids: Sequence[tuple[str, str | None]] = ()):
+                 dev_from_train: int | None = None, hub_ids: Sequence[tuple[str, str | None]] = (),
+                 official_test: OfficialTest | None = None):
         self.name = name
         self.task_dir = name  # files live in {data_root}/{name}/
         self.files = {"train": train_file, "validation": val_file}
@@ -40,6 +65,7 @@ class PromptTask(Task):
         self.value_maps = {k: dict(v) for k, v in (value_maps or {}).items()}  # field value -> text
         self.dev_from_train = dev_from_train  # None: the paper's dev set is half the validation file
         self.hub_ids = tuple(hub_ids)  # (path, config name) pairs for datasets.load_dataset, tried in order
+        self.official_test = official_test  # a labelled official test set (split_protocol=full_test reads it)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -127,24 +153,57 @@ class PromptTask(Task):
     # ------------------------------------------------------------------ split protocol
 
     def draw(self, config: TaskConfig, data_root: str | None) -> Drawn:
-        """Train/dev/test under `split_protocol` (paper | dev_only), seeded only by `split_seed`."""
-        seed, need_train = config.split_seed, config.split_protocol == "paper"
+        """Train/dev/test under `split_protocol` (paper | dev_only | full_test), seeded only by `split_seed`."""
+        seed, protocol = config.split_seed, config.split_protocol
+        need_train = protocol != "dev_only"
         if config.source == "hub":
             train, validation = self.read_hub(need_train)
         else:
             validation = self.read_local(data_root, "validation")
-            train = self._local_train(data_root) if need_train else None
+            train = self._local_train(data_root, protocol) if need_train else None
 
         notes: list[str] = []
         if not need_train:
             train, dev, test = dev_only_split(validation, seed)
             notes.append(self._dev_only_note(seed, train, dev, test))
-        elif self.dev_from_train is None:
-            dev, test = halve(validation, seed)
-        else:
+        elif self.dev_from_train is not None:            # large tasks: full_test is the paper's split
             dev, train = carve(train, self.dev_from_train, seed)
             test = validation
+        elif protocol == "paper":
+            dev, test = halve(validation, seed)
+        elif self.official_test is not None:
+            dev, test = validation, self.read_official_test(data_root, config.source)
+            notes.append(f"split_protocol=full_test: test = the official {self.name} test set ({len(test)}, labels "
+                         f"from {self.official_test.labels_file}); dev = the whole official validation file "
+                         f"({len(dev)}); train = the official train file ({len(train)})")
+        else:
+            dev, train = carve(train, len(validation) // 2, seed)
+            test = validation
+            notes.append(f"split_protocol=full_test: test = the whole official validation file ({len(test)}); "
+                         f"dev = {len(dev)} rows of the official train file (split_seed={seed}; as many as the "
+                         f"paper's dev half), train = the other {len(train)}")
         return Drawn(train, dev, test, notes, self.sources(data_root, config.source, need_train))
+
+    def read_official_test(self, data_root: str | None, source: str) -> list[Example]:
+        """The official test set with its separately released labels (`official_test`), from local files."""
+        spec = self.official_test
+        if source != "local":
+            raise DataError(f"split_protocol=full_test reads the {self.name} test labels from "
+                            f"<data_root>/{self.task_dir}/{spec.labels_file}, which the Hub does not have; "
+                            f"use task.source=local and {DATA_ROOT_HINT}")
+        folder = resolve_task_dir(data_root, self.task_dir)
+        path, labels_path = folder / spec.file, folder / spec.labels_file
+        for needed in (path, labels_path):
+            if not needed.is_file():
+                raise DataError(f"{needed} is missing; split_protocol=full_test needs the official {self.name} "
+                                f"test file and its released labels (see MANIFEST.md); {DATA_ROOT_HINT}")
+        rows, labels = read_jsonl(path), spec.read_labels(labels_path)
+        if len(rows) != len(labels):
+            raise DataError(f"{labels_path}: {len(labels)} labels for the {len(rows)} rows of {path}; expected "
+                            f"one label per test row, in file order (replace both with the official files)")
+        field = self.label_fields[0]
+        return [self.to_example(RawRow(row.where, row.index, {**row.data, field: label}), path.stem)
+                for row, label in zip(rows, labels)]
 
     def sources(self, data_root: str | None, source: str, need_train: bool) -> list[str]:
         """Where the examples came from, for error messages."""
@@ -153,14 +212,14 @@ class PromptTask(Task):
         roles = ("train", "validation") if need_train else ("validation",)
         return [str(Path(str(data_root)) / self.task_dir / self.files[role]) for role in roles]
 
-    def _local_train(self, data_root: str | None) -> list[Example]:
+    def _local_train(self, data_root: str | None, protocol: str = "paper") -> list[Example]:
         path = resolve_task_dir(data_root, self.task_dir) / self.files["train"]
         if not path.is_file():
             hub = " or ".join(f"{p}/{c}" if c else p for p, c in self.hub_ids)
             test = ("its test half is the paper protocol's test set" if self.dev_from_train is None
                     else "its test set is half the official validation file, not comparable with paper runs")
             raise DataError(
-                f"{path} is missing, and split_protocol=paper needs the official {self.name} training file. "
+                f"{path} is missing, and split_protocol={protocol} needs the official {self.name} training file. "
                 f"Either load the task from the Hugging Face Hub with task.source=hub ({hub}), "
                 f"or use task.split_protocol=dev_only (train/dev carved from the official validation file; "
                 f"{test}).")

@@ -40,7 +40,7 @@ EXIT_PREEMPTED = 75                    # sysexits.h EX_TEMPFAIL: the sbatch scri
 PREEMPT_SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGUSR1", "SIGUSR2")) if s)
 
 # Keys that cannot change a run's result: where files go, logging, resuming, progress bars.
-HASH_EXCLUDED = frozenset({"output_root", "tables_root", "experiment_name", "resume", "wandb", "hydra",
+HASH_EXCLUDED = frozenset({"output_root", "tables_root", "experiment_name", "cuts", "floor_run", "resume", "wandb", "hydra",
                            "data.root", "trainer.progress", "trainer.checkpoint_every"})
 
 

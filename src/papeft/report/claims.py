@@ -1,0 +1,139 @@
+"""Claims against reproduction: every claim of the papers this scale can test, the paper's number,
+ours, and a verdict with its reason.
+
+Score claims compare two methods on one task through their paired difference (papeft.report.intervals):
+* *holds*: the 95% interval of (claimed better - other) lies above 0;
+* *does not hold*: it lies below 0 (the other method is better);
+* *cannot be decided at this scale*: neither method's cell beats the task's floor (its interval's lower
+  end is not above the majority-class rate or the zero-shot score), or the interval spans 0.
+Speed claims read the committed benchmarks under results/bench/ (training step; decode tokens/s).
+Written by `python -m papeft.report DIR --reference parade --claims results/bench` as NAME-claims.{md,csv}.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from papeft.io import write_text
+from papeft.report.intervals import cell_interval, paired_interval
+from papeft.report.paper_numbers import SPEED_TABLE4, get_table
+from papeft.report.reproduction import Runs, majority_scores
+from papeft.report.rows import ZERO_SHOT
+
+TABLE1_BASELINES = ("lora", "adalora", "bitfit", "ia3", "houlsby", "parallel", "ptuning_v2")
+HOLDS, FAILS, UNDECIDED = "holds", "does not hold", "cannot be decided at this scale"
+
+
+@dataclass(frozen=True)
+class Claim:
+    claim: str
+    task: str
+    paper: str
+    ours: str
+    verdict: str
+    reason: str
+
+
+def _paper_difference(better: str, other: str, task: str) -> str:
+    """The paper's own difference for a claim, from Table 1 or Table 6 (PARADE-1 stands for the last-token pooler)."""
+    for table, other_as in (("table1", other), ("table6", "parade_1" if other == "para" else other)):
+        t = get_table(table)
+        a, b = t.row(better), t.row(other_as)
+        if a and b and task in a.scores and task in b.scores:
+            label = "" if other_as == other else f" (PARADE-1, last-token pooler, {t.source})"
+            return f"{a.scores[task]:.1f} vs {b.scores[task]:.1f} ({a.scores[task] - b.scores[task]:+.1f}){label}"
+    return "no number in our sources"
+
+
+def score_claim(groups: dict[tuple[str, str, str], Runs], backbone: str, task: str, better: str, other: str,
+                claim: str, floor: float | None) -> Claim | None:
+    a, b = groups.get((backbone, better, task)), groups.get((backbone, other, task))
+    if not a or not b:
+        return None
+    paper = _paper_difference(better, other, task)
+    diff = paired_interval(a, b)
+    if diff is None:
+        return Claim(claim, task, paper, "fewer than two shared seeds", UNDECIDED, "not enough seeds")
+    ours = f"{diff.estimate:+.1f} [{diff.low:+.1f}, {diff.high:+.1f}] (n={diff.n_seeds})"
+    cells = {m: cell_interval([r for r, _ in runs.values()], [p for _, p in runs.values()])
+             for m, runs in ((better, a), (other, b))}
+    above = {m: iv is not None and floor is not None and iv.low > floor for m, iv in cells.items()}
+    if floor is not None and not any(above.values()):
+        return Claim(claim, task, paper, ours, UNDECIDED,
+                     f"neither {better} nor {other} beats the floor ({floor:.1f}): both at chance on this backbone")
+    if diff.low > 0:
+        return Claim(claim, task, paper, ours, HOLDS, f"{better} better, interval above 0")
+    if diff.high < 0:
+        return Claim(claim, task, paper, ours, FAILS, f"{other} better, interval below 0")
+    return Claim(claim, task, paper, ours, UNDECIDED, "the interval spans 0")
+
+
+def floors(records: Sequence[dict], groups: dict[tuple[str, str, str], Runs]) -> dict[tuple[str, str], float]:
+    """(backbone, task) -> the higher of the majority-class rate and the zero-shot median."""
+    out = {key: score for key, (_, score) in majority_scores(records).items()}
+    for (backbone, method, task), runs in groups.items():
+        if method == ZERO_SHOT:
+            zero = statistics.median(float(r["score"]) for r, _ in runs.values())
+            out[(backbone, task)] = max(out.get((backbone, task), zero), zero)
+    return out
+
+
+def speed_claims(bench_dir: Path) -> list[Claim]:
+    """PARADE's training step against LoRA's, and its decode speed against LoRA's (Table 4)."""
+    out = []
+    for path in sorted(bench_dir.glob("train-*.json")):
+        rows = json.loads(path.read_text(encoding="utf-8"))["rows"]
+        for row in rows:
+            if row["method"] == "parade" and row["path"] != "today":
+                ratio = row["step_x_lora"]
+                out.append(Claim("PARADE's training step <= LoRA's", path.stem, "not measured in the papers",
+                                 f"{ratio:.3f}x LoRA's step ({row['path']}, median of {len(row['samples'])}, "
+                                 f"spread {row['step_spread_pct']:.0f}%)", HOLDS if ratio <= 1.0 else FAILS,
+                                 f"from {path.name}"))
+    for path in sorted(bench_dir.glob("multitenant-*.json")):
+        rows = json.loads(path.read_text(encoding="utf-8"))["rows"]
+        for beams in (1, 3):
+            pick = {r["method"]: r for r in rows if r["beams"] == beams and r["batch"] == 1 and r["tenants"] == 1}
+            if "parade" in pick and "lora_peft" in pick:
+                ratio = pick["parade"]["decode_tok_s"] / pick["lora_peft"]["decode_tok_s"]
+                paper = SPEED_TABLE4["parade"][f"beam{beams}"] / SPEED_TABLE4["lora"][f"beam{beams}"]
+                out.append(Claim("PARADE decodes faster than (unmerged) LoRA, Table 4", f"{path.stem}, beam {beams}",
+                                 f"{paper:.2f}x (LLaMA-2 7B, batch 1)", f"{ratio:.2f}x (batch 1, one tenant)",
+                                 HOLDS if ratio > 1.0 else FAILS, f"from {path.name}"))
+    return out
+
+
+def write_claims(records: Sequence[dict], groups: dict[tuple[str, str, str], Runs], bench_dir: Path | None,
+                 out_stem: Path, notes: Sequence[str]) -> dict[str, Path]:
+    floor = floors(records, groups)
+    pairs = [(f"PARADE >= {b} (Table 1)", "parade", b) for b in TABLE1_BASELINES]
+    pairs += [("capsule pooler >= last-token pooler (PARADE vs PARA)", "parade", "para"),
+              ("rational activation helps (PEDRO vs PARA)", "pedro", "para")]
+    claims = []
+    for backbone, task in sorted({(b, t) for b, _, t in groups}):
+        for text, better, other in pairs:
+            c = score_claim(groups, backbone, task, better, other, text, floor.get((backbone, task)))
+            if c:
+                claims.append(c)
+    if bench_dir is not None:
+        claims += speed_claims(bench_dir)
+    md = ["| claim | task | paper | ours: difference [95% interval] | verdict | reason |", "|---|---|---|---|---|---|"]
+    md += [f"| {c.claim} | {c.task} | {c.paper} | {c.ours} | **{c.verdict}** | {c.reason} |" for c in claims]
+    counts = {v: sum(c.verdict == v for c in claims) for v in (HOLDS, FAILS, UNDECIDED)}
+    md += ["", "Verdicts: " + ", ".join(f"{n} {v}" for v, n in counts.items()) + ". " + __doc__.split("\n\n")[1]
+           .replace("\n", " ").strip()]
+    md += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["claim", "task", "paper", "ours", "verdict", "reason"])
+    writer.writerows([[c.claim, c.task, c.paper, c.ours, c.verdict, c.reason] for c in claims])
+    paths = {"claims.md": out_stem.with_name(f"{out_stem.name}-claims.md"),
+             "claims.csv": out_stem.with_name(f"{out_stem.name}-claims.csv")}
+    write_text(paths["claims.md"], "\n".join(md) + "\n")
+    write_text(paths["claims.csv"], buf.getvalue())
+    return paths

@@ -1,0 +1,121 @@
+"""The record of a hyper-parameter selection on dev data: which learning rate (and run length) each
+method got on each task, chosen by the lowest dev loss, never by a test score, with the dev-loss
+curves it was read from.
+
+`python -m papeft.report.selection DIR [--out OUT]` scans DIR for runs (metrics.json + config.yaml)
+that differ in `trainer.lr`, and writes `OUT/selection.{md,csv}` (per backbone, method and task:
+each learning rate's best dev loss and its step, the chosen one marked) and `OUT/dev_curves.{png,pdf}`
+(dev loss against optimizer steps, one panel per task, one line per method and learning rate; a
+zero-shot run, when present, as a dashed line: the frozen backbone's dev loss).
+Test scores of selection runs are listed for the record; they played no part in the choice.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from matplotlib.figure import Figure
+
+from papeft.io import write_text
+from papeft.report.plots import save_figure
+from papeft.report.reproduction import run_config
+from papeft.report.tables import collect
+
+
+def selection_runs(root: Path) -> dict[tuple[str, str, str], dict[float, dict]]:
+    """(backbone, method, task) -> learning rate -> metrics record (seed 0 only when several)."""
+    out: dict[tuple[str, str, str], dict[float, dict]] = {}
+    for rec in collect(root):
+        lr = (run_config(rec).get("trainer") or {}).get("lr")
+        if lr is None or not isinstance(rec.get("best_dev_loss"), (int, float)):
+            continue
+        key = (str(rec["backbone"]), str(rec["method"]), str(rec["task"]))
+        held = out.setdefault(key, {}).get(float(lr))
+        if held is None or rec["seed"] < held["seed"]:
+            out[key][float(lr)] = rec
+    return out
+
+
+def chosen(by_lr: dict[float, dict]) -> float:
+    """The learning rate with the lowest best dev loss (ties: the smaller rate); NaN losses never win."""
+    finite = {lr: r["best_dev_loss"] for lr, r in by_lr.items() if math.isfinite(r["best_dev_loss"])}
+    if not finite:
+        raise ValueError("no learning rate reached a finite dev loss")
+    return min(finite, key=lambda lr: (finite[lr], lr))
+
+
+def selection_table(runs: dict[tuple[str, str, str], dict[float, dict]]) -> tuple[str, str]:
+    """(Markdown, CSV) of every selection run, the chosen rate per (backbone, method, task) marked."""
+    md = ["| backbone | method | task | lr | best dev loss | at step | of steps | chosen | test score (not used) |",
+          "|---|---|---|---:|---:|---:|---:|---|---:|"]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["backbone", "method", "task", "lr", "best_dev_loss", "best_step", "steps", "chosen", "test_score"])
+    for (backbone, method, task), by_lr in sorted(runs.items()):
+        if all(r["steps"] == 0 for r in by_lr.values()):          # the zero-shot floor: drawn, not chosen
+            continue
+        pick = chosen(by_lr)
+        for lr, rec in sorted(by_lr.items()):
+            mark = "yes" if lr == pick else ""
+            md.append(f"| {backbone} | {method} | {task} | {lr:g} | {rec['best_dev_loss']:.4f} | {rec['best_step']} | "
+                      f"{rec['steps']} | {'**yes**' if mark else ''} | {rec['score']:.1f} |")
+            writer.writerow([backbone, method, task, f"{lr:g}", round(rec["best_dev_loss"], 6), rec["best_step"],
+                             rec["steps"], mark, round(rec["score"], 4)])
+    legend = ("Chosen: the learning rate with the lowest dev loss (label tokens' cross-entropy on the dev split), "
+              "seed 0. Test scores are listed for the record only; no choice read them.")
+    return "\n".join(md + ["", legend]) + "\n", buf.getvalue()
+
+
+def plot_dev_curves(runs: dict[tuple[str, str, str], dict[float, dict]], stem: Path) -> list[Path]:
+    """Dev loss against optimizer steps: a panel per task, a line per (method, learning rate)."""
+    tasks = sorted({t for _, _, t in runs})
+    fig = Figure(figsize=(4.2 * len(tasks), 3.2), layout="constrained")
+    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
+    methods = sorted({m for _, m, _ in runs})
+    for ax, task in zip(axes, tasks):
+        for (backbone, method, t), by_lr in sorted(runs.items()):
+            if t != task:
+                continue
+            rates = sorted(by_lr)
+            if all(by_lr[lr]["steps"] == 0 for lr in rates):           # zero-shot: its one dev loss, a line
+                ax.axhline(by_lr[rates[0]]["best_dev_loss"], color="0.4", ls="--", lw=1.0, label=f"{method} (floor)")
+                continue
+            for j, lr in enumerate(rates):
+                history = by_lr[lr].get("dev_history") or []
+                steps = [h["step"] for h in history]
+                ax.plot(steps, [h["dev_loss"] for h in history], color=f"C{methods.index(method)}",
+                        ls=("-", "--", ":", "-.")[j % 4], marker="o", ms=2.5, lw=1.2, label=f"{method} lr {lr:g}")
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("dev loss")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6)
+    return save_figure(fig, stem)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m papeft.report.selection", description=__doc__.split("\n")[0])
+    ap.add_argument("dir", type=Path, help="folder of selection runs (differing in trainer.lr)")
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default: dir)")
+    args = ap.parse_args(argv)
+    runs = selection_runs(args.dir) if args.dir.is_dir() else {}
+    if not runs:
+        print(f"error: no finished run with a trainer.lr in its config.yaml under {args.dir}", file=sys.stderr)
+        return 1
+    out = args.out or args.dir
+    md, table = selection_table(runs)
+    write_text(out / "selection.md", md)
+    write_text(out / "selection.csv", table)
+    figures = plot_dev_curves(runs, out / "dev_curves")
+    print(md, end="")
+    print("written:", ", ".join(str(p) for p in [out / "selection.md", out / "selection.csv", *figures]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,161 @@
+"""The reproduction report: floor rows, 95% bootstrap intervals, paired differences, claims with
+verdicts, the protocol in every caption, and the learning-rate selection record (dev loss only)."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from papeft.report.claims import FAILS, HOLDS, UNDECIDED
+from papeft.report.intervals import cell_interval, paired_interval
+from papeft.report.selection import main as selection_main
+from papeft.report.tables import main as report_main, write_tables
+
+N_TEST = 200
+
+
+def write_run(root: Path, method: str, seed: int, accuracy: float, task: str = "sst2", lr: float = 1e-3,
+              majority: float = 50.0, dev_loss: float = 0.5, extra: dict | None = None, cuts=()) -> Path:
+    """A finished run whose predictions are right on the first `accuracy`% of a seed-shuffled test set."""
+    run = root / "smollm2_135m" / method / task / f"seed{seed}"
+    run.mkdir(parents=True, exist_ok=True)
+    order = list(range(N_TEST))
+    random.Random(seed * 7 + len(method)).shuffle(order)
+    right = set(order[:round(accuracy * N_TEST / 100)])
+    rows = []
+    for i in range(N_TEST):
+        gold = "positive" if i % 2 else "negative"
+        wrong = "negative" if gold == "positive" else "positive"
+        rows.append({"uid": f"{task}/dev/{i}", "prediction": gold if i in right else wrong, "answers": [gold]})
+    (run / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    score = 100.0 * len(right) / N_TEST
+    (run / "config.yaml").write_text(OmegaConf.to_yaml({"trainer": {"lr": lr, "max_steps": 48}, "cuts": list(cuts)}))
+    metrics = {"backbone": "smollm2_135m", "method": method, "task": task, "seed": seed, "metric": "accuracy",
+               "score": score, "params_trainable_no_bias": 0 if method == "zero_shot" else 1000 + len(method),
+               "status": "complete", "majority_class": {"label": "positive", "score": majority},
+               "n_train": 100, "n_dev": 50, "n_test": N_TEST, "steps": 48, "batch_size": 16,
+               "split_protocol": "full_test", "num_beams": 1, "precision": "fp32", "best_dev_loss": dev_loss,
+               "best_step": 48, "dev_history": [{"step": 24, "dev_loss": dev_loss + 0.1, "train_loss": 1.0},
+                                                {"step": 48, "dev_loss": dev_loss, "train_loss": 0.5}],
+               **(extra or {})}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    return run
+
+
+def sweep(root: Path, accuracies: dict[str, list[float]], **kwargs) -> None:
+    for method, scores in accuracies.items():
+        for seed, acc in enumerate(scores):
+            write_run(root, method, seed, acc, **kwargs)
+
+
+def test_floor_rows_come_first_unmarked_and_never_short_of_seeds(tmp_path):
+    sweep(tmp_path, {"parade": [80, 82, 81, 79, 83], "lora": [70, 71, 72, 69, 70], "zero_shot": [40]}, majority=50.0)
+    paths = write_tables([tmp_path], tmp_path / "median")
+    lines = [line for line in paths["md"].read_text().splitlines() if line.startswith("| smollm2")]
+    assert [line.split(" | ")[1] for line in lines] == ["majority class", "zero_shot", "lora", "parade"]
+    assert "| 50.0 |" in lines[0] and "| 40.0 |" in lines[1]            # no bold, no (n=1) on floor rows
+    assert "**81.0**" in lines[3] and "_70.0_" in lines[2]
+    text = paths["md"].read_text()
+    assert "Learning rate per method: lora 0.001; parade 0.001." in text
+    assert "sst2: split_protocol full_test; train / dev / test 100 / 50 / 200; 48 steps at batch 16." in text
+
+
+def test_cell_interval_covers_its_median_and_is_deterministic(tmp_path):
+    sweep(tmp_path, {"parade": [80, 82, 81, 79, 83]})
+    from papeft.report.reproduction import group_runs
+    from papeft.report.tables import collect
+    runs = group_runs(collect(tmp_path))[("smollm2_135m", "parade", "sst2")]
+    seeds = sorted(runs)
+    iv = cell_interval([runs[s][0] for s in seeds], [runs[s][1] for s in seeds])
+    assert iv.examples and iv.n_seeds == 5 and iv.estimate == 81.0
+    assert iv.low < 81.0 < iv.high and iv.high - iv.low < 20
+    assert iv == cell_interval([runs[s][0] for s in seeds], [runs[s][1] for s in seeds])
+    only_seeds = cell_interval([runs[s][0] for s in seeds], [None] * 5)      # no per-example scores
+    assert not only_seeds.examples and 79.0 <= only_seeds.low <= only_seeds.high <= 83.0
+
+
+def test_paired_difference_sign_and_width(tmp_path):
+    sweep(tmp_path, {"parade": [80, 82, 81, 79, 83], "lora": [60, 61, 62, 59, 60], "ia3": [80, 81, 82, 80, 82]})
+    from papeft.report.reproduction import group_runs
+    from papeft.report.tables import collect
+    groups = group_runs(collect(tmp_path))
+    key = lambda m: ("smollm2_135m", m, "sst2")                                         # noqa: E731
+    better = paired_interval(groups[key("parade")], groups[key("lora")])
+    assert better.estimate == 20.0 and better.low > 0 and better.excludes_zero()
+    worse = paired_interval(groups[key("lora")], groups[key("parade")])
+    assert worse.high < 0
+    even = paired_interval(groups[key("parade")], groups[key("ia3")])
+    assert even.low < 0 < even.high
+
+
+def test_report_cli_writes_intervals_paired_and_claims_with_verdicts(tmp_path):
+    runs = tmp_path / "runs"
+    sweep(runs, {"parade": [80, 82, 81, 79, 83], "lora": [60, 61, 62, 59, 60], "ia3": [95, 96, 94, 95, 97],
+                 "bitfit": [80, 81, 82, 80, 82], "zero_shot": [40]}, majority=50.0)
+    sweep(runs, {"parade": [50, 51, 49, 50, 50], "lora": [50, 49, 51, 50, 50]}, task="rte", majority=52.0)
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    row = {"method": "parade", "path": "new-fp32", "step_x_lora": 0.83, "samples": [{}, {}, {}], "step_spread_pct": 4.0}
+    (bench / "train-x.json").write_text(json.dumps({"rows": [row]}))
+    assert report_main([str(runs), "--out", str(tmp_path / "out"), "--reference", "parade", "--claims", str(bench)]) == 0
+    out = tmp_path / "out"
+    paired = (out / "median-paired.md").read_text()
+    lora = next(line for line in paired.splitlines() if line.startswith("| parade − lora |"))
+    assert lora.split(" | ")[2].startswith("+20.0 [") and lora.endswith("(n=5) |")       # columns: rte, sst2
+    claims = {(c["claim"], c["task"]): c for c in
+              __import__("csv").DictReader((out / "median-claims.csv").read_text().splitlines())}
+    assert claims[("PARADE >= lora (Table 1)", "sst2")]["verdict"] == HOLDS
+    assert claims[("PARADE >= ia3 (Table 1)", "sst2")]["verdict"] == FAILS
+    assert claims[("PARADE >= bitfit (Table 1)", "sst2")]["verdict"] == UNDECIDED
+    rte = claims[("PARADE >= lora (Table 1)", "rte")]
+    assert rte["verdict"] == UNDECIDED and "beats the floor (52.0)" in rte["reason"]
+    assert claims[("PARADE >= lora (Table 1)", "sst2")]["paper"].startswith("94.2 vs 93.6 (+0.6)")
+    assert claims[("PARADE's training step <= LoRA's", "train-x")]["verdict"] == HOLDS
+    for ext in ("md", "csv", "tex"):
+        assert (out / f"median-intervals.{ext}").is_file() and (out / f"median-paired.{ext}").is_file()
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert report_main([str(runs), "--out", str(out), "--reference", "parade", "--claims", str(bench)]) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first            # regenerates byte-identical
+
+
+def test_unknown_reference_is_an_error(tmp_path, capsys):
+    sweep(tmp_path, {"lora": [60, 61]})
+    assert report_main([str(tmp_path), "--reference", "parade"]) == 1
+    assert "no run of method 'parade'" in capsys.readouterr().err
+
+
+def test_cuts_from_the_experiment_config_reach_the_caption(tmp_path):
+    write_run(tmp_path, "lora", 0, 60, cuts=["48 steps instead of 10 epochs"])
+    assert "- Cut: 48 steps instead of 10 epochs" in write_tables([tmp_path], tmp_path / "t")["md"].read_text()
+
+
+def test_selection_picks_the_lowest_dev_loss_never_the_test_score(tmp_path, capsys):
+    # lr 1e-3: lower dev loss but lower test score; the record must choose it anyway
+    write_run(tmp_path / "lr0.001", "lora", 0, 60, lr=1e-3, dev_loss=0.30)
+    write_run(tmp_path / "lr0.003", "lora", 0, 90, lr=3e-3, dev_loss=0.40)
+    write_run(tmp_path / "lr0.0003", "lora", 0, 70, lr=3e-4, dev_loss=float("nan"))
+    assert selection_main([str(tmp_path), "--out", str(tmp_path / "sel")]) == 0
+    rows = (tmp_path / "sel" / "selection.csv").read_text().splitlines()
+    chosen = [r for r in rows if r.split(",")[7] == "yes"]
+    assert len(chosen) == 1 and chosen[0].split(",")[3] == "0.001"
+    assert (tmp_path / "sel" / "dev_curves.png").stat().st_size > 0
+
+
+def test_selection_without_runs_says_so(tmp_path, capsys):
+    assert selection_main([str(tmp_path)]) == 1
+    assert "no finished run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["not json", json.dumps({"uid": "x", "prediction": "positive", "answers": ["negative"]})])
+def test_predictions_that_disagree_with_the_score_fall_back_to_seed_resampling(tmp_path, bad):
+    for seed, acc in enumerate([80, 82]):
+        run = write_run(tmp_path, "parade", seed, acc)
+    (run / "predictions.jsonl").write_text(bad + "\n")
+    from papeft.report.reproduction import group_runs
+    from papeft.report.tables import collect
+    with pytest.warns(UserWarning, match="predictions.jsonl"):
+        runs = group_runs(collect(tmp_path))[("smollm2_135m", "parade", "sst2")]
+    assert runs[1][1] is None and not cell_interval([runs[0][0], runs[1][0]], [runs[0][1], runs[1][1]]).examples
