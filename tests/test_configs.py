@@ -32,14 +32,23 @@ def test_every_config_composes(group, option):
         assert "submitit" in cfg.hydra.launcher._target_
 
 
-def test_default_run_is_parade_on_copa_on_smollm2():
+def test_default_run_is_parade_on_sst2_under_the_cpu_protocol_and_a_cell_of_cpu_table1():
+    from papeft.runner.cells import resolved_config
+    from papeft.train.checkpoint import config_hash
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("config")
+        paper = compose("config", overrides=["trainer=default"])
         smoke = compose("config", overrides=["trainer=smoke"])
-    assert (cfg.backbone.name, cfg.method.name, cfg.task.name) == ("smollm2_135m", "parade", "copa")
-    assert cfg.trainer.lr == 1e-4 and cfg.trainer.warmup_ratio == 0.06 and cfg.trainer.num_beams == 3
-    assert smoke.trainer.max_steps and smoke.task.max_train_samples and smoke.trainer.lr != cfg.trainer.lr
-    assert smoke.trainer.patience == cfg.trainer.patience            # inherited from default
+        cell = compose("config", overrides=["experiment=cpu_table1", "method=parade", "task=sst2", "seed=0"])
+    assert (cfg.backbone.name, cfg.method.name, cfg.task.name) == ("smollm2_135m", "parade", "sst2")
+    assert cfg.trainer.batch_size == 8 and cfg.trainer.num_beams == 1 and cfg.floor_run
+    assert cfg.task.split_protocol == "full_test" and cfg.trainer.max_steps == cfg.cpu_steps.sst2
+    assert config_hash(resolved_config(cfg, 0)) == config_hash(resolved_config(cell, 0))   # the same cell
+    assert paper.trainer.lr == 1e-4 and paper.trainer.warmup_ratio == 0.06 and paper.trainer.num_beams == 3
+    assert paper.task.split_protocol == "paper" and "cuts" not in paper
+    assert smoke.trainer.max_steps and smoke.task.max_train_samples and smoke.trainer.patience == paper.trainer.patience
+    for name in PAPER:                                          # the paper tables run the paper's protocol
+        assert "cpu_steps" not in compose_exp(f"experiment={name}"), name
 
 
 def test_every_method_and_task_registered_has_a_yaml():

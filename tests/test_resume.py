@@ -22,7 +22,7 @@ from conftest import REPO, data_root
 RUN = ["backbone=tiny_llama", "trainer=smoke", "trainer.progress=false", "trainer.max_steps=12",
        "trainer.batch_size=2", "trainer.micro_batch_size=2", "trainer.eval_every=2", "trainer.checkpoint_every=3",
        "trainer.num_beams=1", "task.max_train_samples=16", "task.max_eval_samples=4", "wandb.enabled=false",
-       "floor_run=false"]
+       "floor_run=false", "task=copa"]
 SAME = ("score", "best_dev_loss", "dev_history", "best_step", "steps", "params_trainable")
 # run.py with every optimizer step slowed down (results unchanged) so a test can kill it between checkpoints
 SLOW_RUN = ("import sys, time, runpy; sys.path.insert(0, 'src'); import papeft.train.trainer as t; step = t.Trainer._step; "

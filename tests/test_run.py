@@ -11,7 +11,7 @@ from papeft.runner import cells as runner
 from conftest import REPO
 
 TINY = ["backbone=tiny_llama", "trainer=smoke", "trainer.progress=false", "task.max_eval_samples=4",
-        "wandb.enabled=false", "floor_run=false"]
+        "wandb.enabled=false", "floor_run=false", "task=copa"]
 
 
 def run_py(args, tmp_path, data_root):
@@ -30,7 +30,7 @@ KEYS = {"metric", "score", "params_trainable", "params_trainable_no_bias", "trai
 
 def test_smoke_run_on_the_real_backbone(tmp_path, shared_data):
     stdout = run_py(["trainer=smoke", "trainer.progress=false"], tmp_path, shared_data)
-    run = tmp_path / "runs/smollm2_135m/parade/copa/seed0"
+    run = tmp_path / "runs/smollm2_135m/parade/sst2/seed0"      # the main job's task
     metrics = json.loads((run / "metrics.json").read_text())
     assert KEYS <= set(metrics) and metrics["status"] == "complete"
     assert metrics["params_trainable_no_bias"] == 30 * (576 * 12 + 12 * (576 + 192 + 1536) + 192)
@@ -43,7 +43,7 @@ def test_smoke_run_on_the_real_backbone(tmp_path, shared_data):
     assert env["device"].startswith("cpu") and env["git"]["dirty"] in (True, False)
     assert len(env["git"]["commit"]) == 40
     # the floor beside the score: the zero_shot cell of the same config ran once, at seed 0
-    floor = json.loads((tmp_path / "runs/smollm2_135m/zero_shot/copa/seed0/metrics.json").read_text())
+    floor = json.loads((tmp_path / "runs/smollm2_135m/zero_shot/sst2/seed0/metrics.json").read_text())
     assert floor["steps"] == 0 and floor["n_test"] == 16 and floor["config_hash"] != metrics["config_hash"]
     majority = metrics["majority_class"]
     assert (f"the floor: majority class ({majority['label']!r}) {majority['score']:.2f}; "

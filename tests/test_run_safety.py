@@ -21,7 +21,7 @@ from conftest import REPO
 
 RUN = ["backbone=tiny_llama", "trainer=smoke", "trainer.progress=false", "trainer.max_steps=2", "trainer.batch_size=2",
        "trainer.micro_batch_size=2", "trainer.eval_every=1", "trainer.num_beams=1", "task.max_train_samples=4",
-       "task.max_eval_samples=2", "wandb.enabled=false", "floor_run=false"]
+       "task.max_eval_samples=2", "wandb.enabled=false", "floor_run=false", "task=copa"]
 
 
 def cfg_for(out, *extra):

@@ -92,8 +92,9 @@ def plot_dev_curves(runs: dict[tuple[str, str, str], dict[float, dict]], stem: P
                         ls=("-", "--", ":", "-.")[j % 4], marker="o", ms=2.5, lw=1.2, label=f"{method} lr {lr:g}")
         ax.set_title(task, fontsize=9)
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("dev loss")
-        ax.grid(True, alpha=0.3)
+        ax.set_ylabel("dev loss (log scale)")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=6)
     return save_figure(fig, stem)
 
