@@ -62,3 +62,15 @@ def test_zero_shot_trains_nothing_and_reports_its_dev_loss(tmp_path):
 def test_zero_shot_yaml_composes_with_no_keys():
     cfg = OmegaConf.load(REPO / "configs" / "method" / "zero_shot.yaml")
     assert dict(cfg) == {"name": "zero_shot", "type": "zero_shot"}
+
+
+def test_floor_line_says_what_it_has():
+    from omegaconf import OmegaConf
+    from papeft.runner.cells import floor_line
+    cfg = OmegaConf.create({"backbone": {"name": "b"}, "method": {"name": "lora"}, "task": {"name": "sst2"}})
+    metrics = {"metric": "accuracy", "score": 82.8125, "majority_class": {"label": "positive", "score": 48.4375}}
+    assert floor_line(cfg, metrics, {"score": 0.0, "majority_class": None}) == (
+        "[b / lora / sst2] accuracy 82.81 against the floor: majority class ('positive') 48.44; "
+        "zero-shot (the frozen backbone) 0.00")
+    assert floor_line(cfg, metrics, None).endswith("the floor: majority class ('positive') 48.44")
+    assert floor_line(cfg, None, None) == "[b / lora / sst2] the floor: unavailable (the zero-shot run failed)"

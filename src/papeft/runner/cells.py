@@ -302,10 +302,9 @@ def floor_config(cfg: DictConfig) -> DictConfig:
     return floor
 
 
-def print_floor(cfg: DictConfig, metrics: dict | None) -> None:
-    """Print the task's floor beside the score: the majority-class rate and the zero-shot score (the
-    zero_shot cell of this config, run once and then skipped like any finished cell)."""
-    zero = run_single(floor_config(cfg), 0, raise_on_failure=False)
+def floor_line(cfg: DictConfig, metrics: dict | None, zero: dict | None) -> str:
+    """The task's floor beside the score: the majority-class rate and the zero-shot score (the zero_shot
+    cell of this config, `floor_config`, run once and then skipped like any finished cell)."""
     parts = []
     majority = (metrics or zero or {}).get("majority_class")
     if majority:
@@ -313,8 +312,8 @@ def print_floor(cfg: DictConfig, metrics: dict | None) -> None:
     if zero:
         parts.append(f"zero-shot (the frozen backbone) {zero['score']:.2f}")
     score = f"{metrics['metric']} {metrics['score']:.2f} against " if metrics else ""
-    print(f"[{cfg.backbone.name} / {cfg.method.name} / {cfg.task.name}] {score}the floor: "
-          + ("; ".join(parts) if parts else "unavailable (the zero-shot run failed)"))
+    return (f"[{cfg.backbone.name} / {cfg.method.name} / {cfg.task.name}] {score}the floor: "
+            + ("; ".join(parts) if parts else "unavailable (the zero-shot run failed)"))
 
 
 def run(cfg: DictConfig) -> list[dict]:
@@ -326,8 +325,10 @@ def run(cfg: DictConfig) -> list[dict]:
     seeds = parse_seeds(cfg.seed)
     multirun = in_multirun()
     results = {s: run_single(cfg, s, raise_on_failure=len(seeds) == 1 and not multirun) for s in seeds}
-    if cfg.get("floor_run", False) and read_configs(cfg).method[0].tunes_weights and Parallel.is_main_process():
-        print_floor(cfg, next((m for m in results.values() if m), None))
+    if cfg.get("floor_run", False) and read_configs(cfg).method[0].tunes_weights:
+        zero = run_single(floor_config(cfg), 0, raise_on_failure=False)     # every rank: the cell has barriers
+        if Parallel.is_main_process():
+            print(floor_line(cfg, next((m for m in results.values() if m), None), zero))
     if len(seeds) > 1 and any(results.values()) and Parallel.is_main_process():
         name = f"{cfg.backbone.name}-{cfg.method.name}-{cfg.task.name}-seeds{seeds[0]}-{seeds[-1]}"
         stem = Path(cfg.tables_root) / name
