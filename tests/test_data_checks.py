@@ -103,7 +103,8 @@ def test_an_empty_validation_file_stops_the_run_before_any_model(tmp_path, monke
         raise AssertionError("a model was loaded")
     monkeypatch.setattr(runner, "load_backbone", no_model)
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("config", overrides=["backbone=tiny_llama", "wandb.enabled=false", f"output_root={tmp_path}/runs"])
+        cfg = compose("config", overrides=["backbone=tiny_llama", "task=copa", "trainer=default", "wandb.enabled=false",
+                                           f"output_root={tmp_path}/runs"])
     with pytest.raises(DataError, match=r"val\.jsonl: no rows"):
         runner.run_single(cfg, 0)
 

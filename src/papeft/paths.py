@@ -55,9 +55,12 @@ def composed(group: str, name: str) -> dict:
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
+    # the paper's trainer, whose file sets no key of another group: the default trainer (the CPU protocol)
+    # also sets task keys (split, caps), which are not the task file's
+    overrides = [f"{group}={name}"] + (["trainer=default"] if group != "trainer" else [])
     if GlobalHydra.instance().is_initialized():             # inside run.py (or a test's initialize())
-        cfg = compose("config", overrides=[f"{group}={name}"])
+        cfg = compose("config", overrides=overrides)
     else:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose("config", overrides=[f"{group}={name}"])
+            cfg = compose("config", overrides=overrides)
     return OmegaConf.to_container(cfg[group], resolve=True)
