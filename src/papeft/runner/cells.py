@@ -43,6 +43,7 @@ from papeft.io import remove_stale_temps, write_json, write_jsonl, write_text
 from papeft.tasks.prompting import PromptFormatter
 from papeft.report.plots import plot_rational_activations
 from papeft.report.provenance import environment
+from papeft.report.rows import ZERO_SHOT
 from papeft.report.tables import read_json, write_tables
 from papeft.tasks import get_task
 from papeft.tasks.base import TaskConfig
@@ -54,8 +55,7 @@ log = logging.getLogger(__name__)
 
 METRICS, FAILED = "metrics.json", "failed.json"
 RESUME_MODES = ("auto", "never")
-ACTIVATIONS_STEM = "rational_activations"
-ZERO_SHOT = "zero_shot"                         # the floor method (configs/method/zero_shot.yaml)      # PEDRO Figure 2: {stem}.png and {stem}.pdf in the run folder
+ACTIVATIONS_STEM = "rational_activations"      # PEDRO Figure 2: {stem}.png and {stem}.pdf in the run folder
 
 
 def parse_seeds(value) -> list[int]:
