@@ -140,6 +140,10 @@ def test_finished_run_is_skipped_and_another_config_is_not(tmp_path, reference, 
     before = (run_dir(tmp_path) / "metrics.json").read_text()
     assert runner.run_single(cfg_for(tmp_path), 0)["score"] == json.loads(before)["score"]
     assert (run_dir(tmp_path) / "metrics.json").read_text() == before
+    # a hash recorded under older hashing rules: recomputed from the run's config.yaml, it is still this config
+    recorded = {**json.loads(before), "config_hash": "0" * 16}
+    (run_dir(tmp_path) / "metrics.json").write_text(json.dumps(recorded))
+    assert runner.run_single(cfg_for(tmp_path), 0)["score"] == recorded["score"]
     # a result-changing key (lr) is another config: no skip; the failure is recorded, never a number
     with pytest.raises(AssertionError, match="trained a finished run"):
         runner.run_single(cfg_for(tmp_path, "trainer.lr=0.5"), 0)
@@ -147,10 +151,12 @@ def test_finished_run_is_skipped_and_another_config_is_not(tmp_path, reference, 
     failed = json.loads((run_dir(tmp_path) / "failed.json").read_text())
     assert failed["status"] == "failed" and failed["error_type"] == "AssertionError"
     assert "trained a finished run" in failed["error"] and failed["task"] == "copa"
-    # a key that cannot change the result (progress bars, checkpoint frequency) keeps the hash
+    # a key that cannot change the result (progress bars, checkpoint frequency, another method's entry in
+    # the CPU protocol's tables) keeps the hash
     base = runner.resolved_config(cfg_for(tmp_path), 0)
     other = runner.resolved_config(cfg_for(tmp_path / "elsewhere", "trainer.progress=true",
-                                           "trainer.checkpoint_every=5", "wandb.enabled=true"), 0)
+                                           "trainer.checkpoint_every=5", "wandb.enabled=true",
+                                           "+lrs.lora=0.1", "+cpu_steps.sst2=3"), 0)
     assert config_hash(base) == config_hash(other) != config_hash(runner.resolved_config(cfg_for(tmp_path), 1))
 
 

@@ -6,7 +6,9 @@ and, written last and atomically, `metrics.json`: a run that dies leaves no
 `metrics.json`, so nothing downstream mistakes it for a finished one.
 
 Sweeps that survive (`resume: auto`, the default):
-* a cell whose `metrics.json` is complete and carries the same config hash is skipped;
+* a cell whose `metrics.json` is complete and whose config hash (recorded, or recomputed from its
+  `config.yaml` under today's rules, so a key newly excluded from the hash reruns nothing) is this
+  config's is skipped;
 * an unfinished cell resumes from `checkpoint/last.safetensors` (papeft.train.checkpoint), which is
   deleted once `metrics.json` is written;
 * a cell that raises writes `failed.json` (error, traceback, checkpoint step). In a Hydra
@@ -93,7 +95,12 @@ def resolved_config(cfg: DictConfig, seed: int) -> dict:
 def finished_metrics(run_dir: Path, chash: str) -> dict | None:
     """The run's metrics when it finished with this config hash, else None."""
     rec = read_json(run_dir / METRICS)
-    if isinstance(rec, dict) and rec.get("status") == "complete" and rec.get("config_hash") == chash:
+    if not (isinstance(rec, dict) and rec.get("status") == "complete"):
+        return None
+    if rec.get("config_hash") == chash:
+        return rec
+    stored = run_dir / "config.yaml"
+    if stored.is_file() and config_hash(OmegaConf.to_container(OmegaConf.load(stored))) == chash:
         return rec
     return None
 

@@ -39,9 +39,13 @@ FORMAT_VERSION = 1
 EXIT_PREEMPTED = 75                    # sysexits.h EX_TEMPFAIL: the sbatch scripts requeue on it
 PREEMPT_SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGUSR1", "SIGUSR2")) if s)
 
-# Keys that cannot change a run's result: where files go, logging, resuming, progress bars.
+# Keys that cannot change a run's result: where files go, logging, resuming, progress bars; and the CPU
+# protocol's lookup tables (configs/trainer/cpu.yaml: task -> split / steps / test size, method -> rate),
+# whose selected entries are resolved into `task.*` and `trainer.*`, which the hash covers; so filling in
+# another method's rate does not invalidate a finished cell of this one.
 HASH_EXCLUDED = frozenset({"output_root", "tables_root", "experiment_name", "cuts", "floor_run", "resume", "wandb", "hydra",
-                           "data.root", "trainer.progress", "trainer.checkpoint_every"})
+                           "data.root", "trainer.progress", "trainer.checkpoint_every",
+                           "split_protocols", "cpu_steps", "cpu_tests", "lrs"})
 
 
 class Preempted(SystemExit):
