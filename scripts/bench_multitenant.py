@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -45,7 +44,7 @@ from papeft.bench.tables import TARGETS_AT, check_targets, machine, notes, reren
 from papeft.serving.memory import PeakMemory, TensorPeak, sync
 from papeft.serving.tenants import meta_skeleton
 from papeft.methods import build_method
-from papeft.paths import config_group
+from papeft.paths import group_file
 
 REPO = Path(__file__).resolve().parents[1]
 # PARADE Appendix F: the example instruction used for the efficiency analysis (Table 4)
@@ -107,7 +106,7 @@ def backbone_and_prompt(args) -> tuple[nn.Module, list[int], str]:
 
 def random_adapter(hf_config, method_yaml: str, seed: int, directory: Path) -> Path:
     """A saved adapter with random weights of the method's shapes (built on a meta skeleton)."""
-    cfg = OmegaConf.to_container(OmegaConf.load(config_group("method") / f"{method_yaml}.yaml"), resolve=True)
+    cfg = group_file("method", method_yaml)
     adapted = build_method(meta_skeleton(hf_config), cfg)
     g = torch.Generator().manual_seed(seed)
     state = adapted.trainable_state_dict()

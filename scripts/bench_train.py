@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -49,7 +48,7 @@ from papeft.serving.memory import TensorPeak, sync
 from papeft.tasks import get_task
 from papeft.train.trainer import Trainer, TrainerConfig
 from papeft.methods import build_method
-from papeft.paths import composed, config_group
+from papeft.paths import composed, config_group, group_file
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_METHODS = "lora,parade,pedro,ia3,ptuning_v2"
@@ -118,7 +117,7 @@ def build_trainers(args, methods: list[str], specs: dict) -> dict:
     pad_id, eos_id = (0, 2) if tok is None else (tok.pad_token_id, tok.eos_token_id)
     trainers = {}
     for m in methods:
-        method_cfg = OmegaConf.to_container(OmegaConf.load(config_group("method") / f"{m}.yaml"), resolve=True)
+        method_cfg = group_file("method", m)
         models = {}
         for path, spec in specs.items():
             key = loaded if spec["precision"] == "fp32" else PRECISIONS[spec["precision"]]

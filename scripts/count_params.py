@@ -18,21 +18,16 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 from papeft.backbone.loading import architecture_config, backbone_config
-from papeft.paths import config_group
+from papeft.paths import config_group, group_file
 from papeft.io import write_text
 from papeft.methods import build_method
 
 METHOD_DIR = config_group("method")
 README_BACKBONES = ["llama2_7b", "smollm2_135m"]      # the README's method table
 CSV_FIELDS = ["backbone", "method", "params_trainable_no_bias", "params_trainable", "params_backbone", "note"]
-
-
-def method_config(name: str) -> dict:
-    return OmegaConf.to_container(OmegaConf.load(METHOD_DIR / f"{name}.yaml"), resolve=True)
 
 
 def count_row(backbone: dict, method: dict) -> dict:
@@ -104,7 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     backbones = [backbone_config(b) for b in args.backbone]
-    methods = [method_config(m) for m in args.methods]
+    methods = [group_file("method", m) for m in args.methods]
     rows = [count_row(b, m) for b in backbones for m in methods]
     text = markdown(rows) if args.format == "md" else csv_text(rows)
     if args.out:

@@ -5,7 +5,6 @@ import dataclasses
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from peft import IA3Config, get_peft_model
 from peft.tuners.ia3 import IA3Layer
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -15,7 +14,8 @@ import papeft.methods.ia3_peft  # noqa: F401  (registration)
 import papeft.methods.projected_vectors  # noqa: F401  (registration)
 from papeft.backbone.architectures import decoder_layers, role_sites
 from papeft.methods.base import build_method
-from conftest import REPO, VOCAB, tiny_model
+from papeft.paths import group_file
+from conftest import VOCAB, tiny_model
 
 METHODS = ["ia3", "bitfit", "houlsby", "parallel", "adapterdrop", "ia3_peft"]
 ARCHS = ["llama", "gemma", "gpt2", "gpt_neox"]
@@ -24,7 +24,7 @@ LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, nu
 
 
 def method_cfg(name, **override):
-    cfg = OmegaConf.to_container(OmegaConf.load(REPO / f"configs/method/{name}.yaml"), resolve=True)
+    cfg = group_file("method", name)
     return {**cfg, **override}
 
 

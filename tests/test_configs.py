@@ -118,3 +118,12 @@ def test_benchmark_experiment_refuses_to_train():
     from papeft.runner import cells as runner
     with pytest.raises(ValueError, match="benchmark"):
         runner.run_single(compose_exp("experiment=paper_table4"), 0)
+
+
+def test_group_file_reads_a_standalone_file_and_names_what_it_cannot():
+    from papeft.paths import composed, group_file
+    assert group_file("method", "parade") == composed("method", "parade")
+    with pytest.raises(FileNotFoundError, match=r"method 'paradee': .*paradee.yaml does not exist; known: \[.*'parade'"):
+        group_file("method", "paradee")
+    with pytest.raises(ValueError, match=r"copa.yaml has a defaults list: read it with papeft.paths.composed\('task', 'copa'\)"):
+        group_file("task", "copa")

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from papeft.backbone.loading import architecture_config, backbone_config, dequantised_checkpoint
+from papeft.paths import group_file
 from conftest import REPO, load_script
 
 count_params = load_script("count_params")
@@ -99,7 +100,7 @@ def test_a_backbone_without_shape_is_refused_by_name():
 
 @pytest.mark.parametrize("method,cells", sorted(readme_method_rows().items()))
 def test_readme_method_table_is_what_the_script_counts(method, cells):
-    cfg = count_params.method_config(method)
+    cfg = group_file("method", method)
     got = [count_params.count_row(backbone_config(b), cfg) for b in ("llama2_7b", "smollm2_135m")]
     assert [f"{r['params_trainable_no_bias']:,} / {r['params_trainable']:,}" for r in got] == list(cells)
 

@@ -1,13 +1,13 @@
 """The loss makes LM-head outputs only where it reads them, and equals the full-logits loss in fp32."""
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from papeft.train.loss import full_logits_token_loss, read_positions, response_token_loss
 from papeft.tasks.prompting import Encoded, collate_train
 from papeft.train.trainer import Trainer, TrainerConfig
 from papeft.methods import build_method
-from conftest import REPO, tiny_model, tuned_method_yamls
+from papeft.paths import group_file
+from conftest import tiny_model, tuned_method_yamls
 
 METHODS = [p.stem for p in tuned_method_yamls()]
 CELLS = [(m, "llama") for m in METHODS] + [(m, a) for m in ("lora", "parade", "prompt_tuning", "ptuning_v2", "lopa")
@@ -24,7 +24,7 @@ def examples():
 
 def adapted(name, arch):
     torch.manual_seed(0)
-    m = build_method(tiny_model(arch), OmegaConf.to_container(OmegaConf.load(REPO / f"configs/method/{name}.yaml")))
+    m = build_method(tiny_model(arch), group_file("method", name))
     with torch.no_grad():                      # move every adapter off its identity init, so it acts on the loss
         for p in m.parameters():
             if p.requires_grad:

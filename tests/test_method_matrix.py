@@ -4,11 +4,11 @@ logits; prompt-aware methods are the identity at init and their cached generatio
 recomputing without a cache."""
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from papeft.methods import build_method
 from papeft.methods.prompt_aware import PromptAwareModel
-from conftest import REPO, VOCAB, tiny_model, tuned_method_yamls
+from papeft.paths import group_file
+from conftest import VOCAB, tiny_model, tuned_method_yamls
 
 METHOD_YAMLS = tuned_method_yamls()
 ARCHS = ["llama", "gemma", "gpt2", "gpt_neox"]
@@ -16,7 +16,7 @@ CELLS = [(y.stem, a) for y in METHOD_YAMLS for a in ARCHS]
 
 
 def method_cfg(name):
-    return OmegaConf.to_container(OmegaConf.load(REPO / f"configs/method/{name}.yaml"), resolve=True)
+    return group_file("method", name)
 
 
 def fixed_batch():

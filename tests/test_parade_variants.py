@@ -3,13 +3,13 @@ parameter budgets on LLaMA-2 7B, the one-iteration routing pooler, PARADE-1's la
 and targets an architecture lacks."""
 import pytest
 import torch
-from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from papeft.methods.base import build_method
 from papeft.methods.prompt_aware import PromptAwareModel
 from papeft.methods.vector_generator import CapsulePooler, LastTokenPooler, RoutingPooler, squash
-from conftest import REPO, VOCAB, tiny_model
+from papeft.paths import group_file
+from conftest import VOCAB, tiny_model
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32)
@@ -17,7 +17,7 @@ PAPER_BUDGET = {"parade_3": 9.8e6, "parade_4": 9.4e6}     # PARADE sec. 5 ablati
 
 
 def method_cfg(name):
-    return OmegaConf.to_container(OmegaConf.load(REPO / f"configs/method/{name}.yaml"), resolve=True)
+    return group_file("method", name)
 
 
 def llama2_7b_counts(name):

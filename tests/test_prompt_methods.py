@@ -4,12 +4,12 @@ Importing the method modules registers them (the package __init__ may not list t
 """
 import pytest
 import torch
-from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from papeft.methods.base import build_method
 from papeft.methods import adalora, lopa, prompt_learning  # noqa: F401  (registration)
-from conftest import REPO, VOCAB, tiny_model, within_float32_ulps
+from papeft.paths import group_file
+from conftest import VOCAB, tiny_model, within_float32_ulps
 
 ARCHS = ["llama", "gemma", "gpt2", "gpt_neox"]
 PROMPT_YAMLS = ["prompt_tuning", "ptuning", "ptuning_v2"]
@@ -18,7 +18,7 @@ LLAMA2_7B = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11
 
 
 def yaml_cfg(name, **override):
-    cfg = OmegaConf.to_container(OmegaConf.load(REPO / f"configs/method/{name}.yaml"), resolve=True)
+    cfg = group_file("method", name)
     return {**cfg, **override}
 
 

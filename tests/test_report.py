@@ -81,6 +81,11 @@ def test_duplicate_seed_keeps_newest(tmp_path):
     with pytest.warns(UserWarning, match="duplicate"):
         rows = median_table(records)
     assert cell(rows, "parade", "copa").scores == [80.0]
+    with warnings.catch_warnings(record=True) as caught:            # the whole report names it once
+        warnings.simplefilter("always")
+        write_tables([tmp_path], tmp_path / "table", reference="parade")
+    assert [str(w.message) for w in caught if "duplicate" in str(w.message)] == [
+        f"duplicate run ('smollm2_135m', 'parade', 'copa', 0): keeping {new}, ignoring {old}"]
 
 
 def test_missing_cell_markdown_dash_csv_empty():

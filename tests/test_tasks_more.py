@@ -215,26 +215,28 @@ def test_malformed_gsm8k_line(tmp_path, third_line, problem):
     assert "test.jsonl: line 3" in str(info.value) and problem in str(info.value)
 
 
-def test_malformed_e2e_row_after_a_multiline_field(tmp_path):
-    text = 'mr,ref\n"name[A], food[Thai]","A serves\nThai food."\nname[B],B is nice.,extra\n'
-    root = write(tmp_path, "e2e_nlg/devset.csv", text)
-    with pytest.raises(DataError, match=r"devset\.csv: line 4: 3 comma-separated cells"):
-        get_task("e2e").read_local(root, "validation")
-    root = write(tmp_path, "e2e_nlg/devset.csv", text.replace(",extra", ""))
-    examples = get_task("e2e").read_local(root, "validation")
+E2E_ROWS = 'mr,ref\n"name[A], food[Thai]","A serves\nThai food."\nname[B],B is nice.,extra\n'
+QNLI_ROWS = 'index\tquestion\tsentence\tlabel\n0\tWhy "so"?\tBecause.\tentailment\n1\tWhat?\tThat.\tmaybe\n'
+
+
+@pytest.mark.parametrize("task,path,text,bad,mended,error,first_prompt", [
+    ("e2e", "e2e_nlg/devset.csv", E2E_ROWS, ",extra", "", r"devset\.csv: line 4: 3 comma-separated cells",
+     "Reference:\nname[A], food[Thai]\n"),                 # line 4: the quoted reference spans lines 2-3
+    ("qnli", "qnli/dev.tsv", QNLI_ROWS, "maybe", "not_entailment", r"dev\.tsv: line 3: unknown label 'maybe'",
+     'sentence 1: Why "so"?\n')])
+def test_malformed_row_is_named_and_the_mended_file_reads(tmp_path, task, path, text, bad, mended, error, first_prompt):
+    with pytest.raises(DataError, match=error):
+        get_task(task).read_local(write(tmp_path, path, text), "validation")
+    examples = get_task(task).read_local(write(tmp_path, path, text.replace(bad, mended)), "validation")
+    assert examples[0].prompt.startswith(first_prompt)
+
+
+def test_e2e_reference_spanning_lines_and_a_wrong_header(tmp_path):
+    examples = get_task("e2e").read_local(write(tmp_path, "e2e_nlg/devset.csv", E2E_ROWS.replace(",extra", "")),
+                                          "validation")
     assert [ex.response for ex in examples] == ["A serves\nThai food.", "B is nice."]
-    assert examples[0].prompt.startswith("Reference:\nname[A], food[Thai]\n")
     with pytest.raises(DataError, match=r"devset\.csv: line 1: header"):
         get_task("e2e").read_local(write(tmp_path, "e2e_nlg/devset.csv", "MR\nname[A]\n"), "validation")
-
-
-def test_malformed_qnli_row(tmp_path):
-    text = 'index\tquestion\tsentence\tlabel\n0\tWhy "so"?\tBecause.\tentailment\n1\tWhat?\tThat.\tmaybe\n'
-    root = write(tmp_path, "qnli/dev.tsv", text)
-    with pytest.raises(DataError, match=r"dev\.tsv: line 3: unknown label 'maybe'"):
-        get_task("qnli").read_local(root, "validation")
-    root = write(tmp_path, "qnli/dev.tsv", text.replace("maybe", "not_entailment"))
-    assert get_task("qnli").read_local(root, "validation")[0].prompt.startswith('sentence 1: Why "so"?\n')
 
 
 def test_malformed_squad(tmp_path):

@@ -47,6 +47,21 @@ def config_group(group: str) -> Path:
     return config_dir() / group
 
 
+def group_file(group: str, name: str) -> dict:
+    """configs/<group>/<name>.yaml loaded on its own and resolved: for a file without a defaults list (a
+    method, a backbone); one with a defaults list (a task) is read with `composed`."""
+    from omegaconf import OmegaConf
+
+    path = config_group(group) / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in config_group(group).glob("*.yaml"))
+        raise FileNotFoundError(f"{group} '{name}': {path} does not exist; known: {known}")
+    cfg = OmegaConf.load(path)
+    if "defaults" in cfg:
+        raise ValueError(f"{path} has a defaults list: read it with papeft.paths.composed({group!r}, {name!r})")
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
 def composed(group: str, name: str) -> dict:
     """configs/<group>/<name>.yaml as a run composes it (its defaults list merged in), resolved: what a
     script outside Hydra's entry point must use instead of loading the file (a task file's split settings

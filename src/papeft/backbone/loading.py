@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from papeft.paths import config_group
+from papeft.paths import group_file
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -114,10 +114,9 @@ def backbone_config(name_or_path: str) -> dict:
 
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
-        path = config_group("backbone") / f"{name_or_path}.yaml"
+        return group_file("backbone", name_or_path)
     if not path.is_file():
-        known = sorted(p.stem for p in config_group("backbone").glob("*.yaml"))
-        raise FileNotFoundError(f"backbone '{name_or_path}': {path} does not exist; known backbones: {known}")
+        raise FileNotFoundError(f"backbone file {path} does not exist")
     return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -22,8 +21,7 @@ from typing import Sequence
 from papeft.io import write_text
 from papeft.report.intervals import cell_interval, paired_interval
 from papeft.report.paper_numbers import SPEED_TABLE4, get_table
-from papeft.report.reproduction import Runs, majority_scores
-from papeft.report.rows import ZERO_SHOT
+from papeft.report.reproduction import Runs, floors
 
 TABLE1_BASELINES = ("lora", "adalora", "bitfit", "ia3", "houlsby", "parallel", "ptuning_v2")
 HOLDS, FAILS, UNDECIDED = "holds", "does not hold", "cannot be decided at this scale"
@@ -71,16 +69,6 @@ def score_claim(groups: dict[tuple[str, str, str], Runs], backbone: str, task: s
     if diff.high < 0:
         return Claim(claim, task, paper, ours, FAILS, f"{other} better, interval below 0")
     return Claim(claim, task, paper, ours, UNDECIDED, "the interval spans 0")
-
-
-def floors(records: Sequence[dict], groups: dict[tuple[str, str, str], Runs]) -> dict[tuple[str, str], float]:
-    """(backbone, task) -> the higher of the majority-class rate and the zero-shot median."""
-    out = {key: score for key, (_, score) in majority_scores(records).items()}
-    for (backbone, method, task), runs in groups.items():
-        if method == ZERO_SHOT:
-            zero = statistics.median(float(r["score"]) for r, _ in runs.values())
-            out[(backbone, task)] = max(out.get((backbone, task), zero), zero)
-    return out
 
 
 def speed_claims(bench_dir: Path) -> list[Claim]:

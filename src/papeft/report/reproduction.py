@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import statistics
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -18,7 +19,7 @@ from omegaconf import OmegaConf
 from papeft.io import write_text
 from papeft.report.formats import tex_escape
 from papeft.report.intervals import Interval, cell_interval, example_scores, paired_interval
-from papeft.report.rows import FLOOR_METHODS
+from papeft.report.rows import FLOOR_METHODS, ZERO_SHOT
 
 Runs = dict[int, tuple[dict, dict | None]]          # seed -> (metrics record, uid -> per-example score)
 
@@ -43,6 +44,16 @@ def majority_scores(records: Iterable[dict]) -> dict[tuple[str, str], tuple[str,
             if key not in found or rank > found[key][0]:
                 found[key] = (rank, str(rec["metric"]), float(floor["score"]))
     return {key: (metric, score) for key, (_, metric, score) in found.items()}
+
+
+def floors(records: Sequence[dict], groups: dict[tuple[str, str, str], Runs]) -> dict[tuple[str, str], float]:
+    """(backbone, task) -> the higher of the majority-class rate and the zero-shot median."""
+    out = {key: score for key, (_, score) in majority_scores(records).items()}
+    for (backbone, method, task), runs in groups.items():
+        if method == ZERO_SHOT:
+            zero = statistics.median(float(r["score"]) for r, _ in runs.values())
+            out[(backbone, task)] = max(out.get((backbone, task), zero), zero)
+    return out
 
 
 def run_config(record: dict) -> dict:

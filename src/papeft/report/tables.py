@@ -27,7 +27,7 @@ from typing import Any, Iterable, Sequence
 from papeft.io import write_text
 from papeft.report.formats import to_csv, to_latex, to_markdown
 from papeft.report.provenance import short_commit
-from papeft.report.reproduction import majority_scores, protocol_lines, write_reproduction
+from papeft.report.reproduction import floors, group_runs, majority_scores, protocol_lines, write_reproduction
 from papeft.report.rows import FLOOR_METHODS, MAJORITY, Cell, Row, quantile
 
 REQUIRED = ("backbone", "method", "task", "seed", "metric", "score",
@@ -163,11 +163,17 @@ def _dedupe(records: list[dict]) -> list[dict]:
     return [rec for _, rec in best.values()]
 
 
+def usable_records(records: Iterable[dict]) -> list[dict]:
+    """The complete, well-formed records (a warning names each other one), one per (backbone, method,
+    task, seed): the newest."""
+    return _dedupe([r for r in records
+                    if _usable(r, str(r.get("_source", "<dict>")) if isinstance(r, dict) else "<record>")])
+
+
 def median_table(records: Iterable[dict], failures: Iterable[dict] = (), order: Sequence[str] = ()) -> list[Row]:
     """Group complete records (and failed runs without a complete twin) into rows, sorted by
     (backbone, position of the method in `order`, method)."""
-    good = _dedupe([r for r in records
-                    if _usable(r, str(r.get("_source", "<dict>")) if isinstance(r, dict) else "<record>")])
+    good = usable_records(records)
     rows: dict[tuple[str, str], Row] = {}
     for rec in good:
         key = (str(rec["backbone"]), str(rec["method"]))
@@ -230,7 +236,7 @@ def budget_series(records: Iterable[dict]) -> dict[str, dict[str, list[tuple[int
     """task -> method family -> [(tunable params, median, q25, q75)] sorted by params; only
     families with at least two budgets (Figure 2: score against tunable parameters)."""
     groups: dict[tuple, list[float]] = {}
-    for rec in _dedupe([r for r in records if _usable(r, str(r.get("_source", "<dict>")))]):
+    for rec in usable_records(records):
         if math.isnan(rec["score"]):
             continue
         key = (str(rec["task"]), method_family(rec), int(rec["params_trainable_no_bias"]))
@@ -264,12 +270,12 @@ def write_tables(run_dirs_or_metrics: Sequence[Path | str | dict], out_stem: Pat
             records += collect(item)
             failures += collect_failures(item)
     table = get_table(paper) if paper else None
-    rows = median_table(records, failures, order=[r.method for r in table.rows] if table else ())
+    good = usable_records(records)               # deduped once: each duplicate is named once
+    rows = median_table(good, failures, order=[r.method for r in table.rows] if table else ())
     if not rows:
         raise ValueError("no complete or failed runs to tabulate")
-    done = {_key(r) for r in records if isinstance(r, dict) and not _problem(r)}
+    done = {_key(r) for r in good}
     failures = [f for f in failures if _key(f) not in done]
-    good = _dedupe([r for r in records if isinstance(r, dict) and not _problem(r)])
     notes = [code_note(records)] + protocol_lines(good) + collect_notes(records)
     stem = Path(out_stem)
     texts = {"md": to_markdown(rows, notes, table, failures, iqr), "csv": to_csv(rows, table),
@@ -282,7 +288,6 @@ def write_tables(run_dirs_or_metrics: Sequence[Path | str | dict], out_stem: Pat
         paths.update(write_reproduction(good, stem, reference, [r.method for r in rows], notes))
     if claims_from is not None:
         from papeft.report.claims import write_claims
-        from papeft.report.reproduction import group_runs
         paths.update(write_claims(good, group_runs(good), Path(claims_from), stem, notes))
     return paths
 
@@ -304,12 +309,11 @@ def write_plots(root: Path, out_dir: Path) -> list[Path]:
               for task in sorted({str(r["task"]) for r in records})}
     panels = {t: p for t, p in panels.items() if len(p) > 1}
     if panels:
-        floors: dict[str, float] = {}
-        for row in table:
-            for task, cell in row.cells.items():
-                if row.floor and cell.n and task in panels:
-                    floors[task] = max(floors.get(task, cell.median), cell.median)
-        written += plot_methods_budget(panels, floors, out_dir / "budget-methods",
+        good = usable_records(records)
+        task_floors: dict[str, float] = {}
+        for (_, task), score in floors(good, group_runs(good)).items():
+            task_floors[task] = max(task_floors.get(task, score), score)
+        written += plot_methods_budget(panels, task_floors, out_dir / "budget-methods",
                                        title="score against tunable parameters, each method at its own budget")
     figures = sorted({Path(a) for r in records for a in r.get("artifacts") or [] if str(a).endswith((".png", ".pdf"))})
     figures = [f for f in figures if f.exists()]
