@@ -33,6 +33,7 @@ def test_smoke_run_on_the_real_backbone(tmp_path, shared_data):
     run = tmp_path / "runs/smollm2_135m/parade/sst2/seed0"      # the main job's task
     metrics = json.loads((run / "metrics.json").read_text())
     assert KEYS <= set(metrics) and metrics["status"] == "complete"
+    assert 0 < metrics["train_time_s"] + metrics["test_time_s"] < metrics["cell_time_s"]   # what the run cost
     assert metrics["params_trainable_no_bias"] == 30 * (576 * 12 + 12 * (576 + 192 + 1536) + 192)
     assert 0 <= metrics["score"] <= 100 and "test accuracy" in stdout
     preds = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]

@@ -29,6 +29,7 @@ import datetime
 import logging
 import os
 import random
+import time
 import traceback
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -237,6 +238,7 @@ def _run_cell(cfg: DictConfig, seed: int, out: Path, resolved: dict, chash: str,
 
 def _train_and_test(cfg: DictConfig, seed: int, out: Path, chash: str, parallel: Parallel,
                     checkpointer: Checkpointer, tracker: WandbRun, configs: RunConfigs) -> dict:
+    started = time.perf_counter()
     seed_everything(seed)
     task = get_task(cfg.task.name)
     splits = task.load(configs.task, cfg.data.root)
@@ -256,6 +258,7 @@ def _train_and_test(cfg: DictConfig, seed: int, out: Path, chash: str, parallel:
         budget = min(int(cfg.task.max_new_tokens), tcfg.max_new_tokens or int(cfg.task.max_new_tokens))
         return trainer.predict([fmt.encode(p) for p in prompts], tok, budget)
 
+    tested = time.perf_counter()
     result = task.evaluate(generate, splits.test)
     metrics = {
         "backbone": cfg.backbone.name, "method": cfg.method.name, "method_type": cfg.method.get("type"),
@@ -263,6 +266,8 @@ def _train_and_test(cfg: DictConfig, seed: int, out: Path, chash: str, parallel:
         "metric": task.metric, "score": result.score, "metrics": result.metrics,
         "majority_class": task.majority_class(splits.train, splits.test), **adapted.param_counts(),
         "train_time_s": fit["train_time_s"], "train_tokens_per_s": fit["train_tokens_per_s"],
+        "test_time_s": time.perf_counter() - tested,      # this attempt's (a resumed cell: since it resumed)
+        "cell_time_s": time.perf_counter() - started,      # data, model, training, dev and test
         "steps": fit["steps"], "stopped_early": fit["stopped_early"], "batch_size": fit["batch_size"],
         "best_step": fit["best_step"], "resumed_from_step": fit["resumed_from_step"],
         "best_dev_loss": fit["best_dev_loss"], "dev_history": fit["history"],
