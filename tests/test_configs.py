@@ -104,6 +104,22 @@ def test_cpu_protocol_splits_run_lengths_and_cuts():
     assert compose_exp("experiment=cpu_table3").task.max_test_samples == 16
 
 
+def test_a_selection_run_is_the_table_cell_it_selects():
+    """cpu_select's run at the chosen rate has cpu_table1's cell's hash (so it is copied in, not rerun), and
+    choosing a rate for one method changes no other method's cells."""
+    from papeft.runner.cells import resolved_config
+    from papeft.train.checkpoint import config_hash
+
+    def chash(*overrides):
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            return config_hash(resolved_config(compose("config", overrides=list(overrides)), 0))
+    chosen = chash("experiment=cpu_select", "method=ia3", "task=sst2", "trainer.lr=0.01")
+    assert chosen == chash("experiment=cpu_table1", "method=ia3", "task=sst2", "+lrs.ia3=0.01")
+    assert chosen != chash("experiment=cpu_table1", "method=ia3", "task=sst2", "+lrs.ia3=0.003")
+    assert chash("experiment=cpu_table1", "method=lora", "task=rte") == chash(
+        "experiment=cpu_table1", "method=lora", "task=rte", "+lrs.ia3=0.01", "cpu_tests.sst2=10")
+
+
 def test_budget_sweep_sets_rank_and_run_name():
     names = set()
     for method, ranks in [("parade", [4, 8, 12, 24, 48, 96, 192]), ("lora", [1, 2, 4, 8, 16, 32, 64])]:
