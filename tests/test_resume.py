@@ -108,6 +108,7 @@ def assert_same_metrics(run, reference):
     assert got["status"] == "complete" and got["resumed_from_step"] is not None
     assert {k: got[k] for k in SAME} == {k: want[k] for k in SAME}
     assert got["config_hash"] == want["config_hash"]
+    assert got["cell_time_s"] > got["train_time_s"] + got["test_time_s"]   # earlier attempts' training counted
     assert not (run / CHECKPOINT_DIR).exists()                   # a finished run drops its checkpoint
 
 
@@ -158,6 +159,23 @@ def test_finished_run_is_skipped_and_another_config_is_not(tmp_path, reference, 
                                            "trainer.checkpoint_every=5", "wandb.enabled=true",
                                            "+lrs.lora=0.1", "+cpu_steps.sst2=3"), 0)
     assert config_hash(base) == config_hash(other) != config_hash(runner.resolved_config(cfg_for(tmp_path), 1))
+
+
+def test_a_cell_restarted_while_its_config_is_read_is_not_finished(tmp_path, reference, monkeypatch):
+    """A run starting on the cell deletes metrics.json and then writes its config.yaml: a check that read the
+    old metrics and the new config must not call the cell finished."""
+    shutil.copytree(reference, run_dir(tmp_path))
+    metrics = run_dir(tmp_path) / "metrics.json"
+    metrics.write_text(json.dumps({**json.loads(metrics.read_text()), "config_hash": "0" * 16}))  # older rules
+    chash = config_hash(runner.resolved_config(cfg_for(tmp_path), 0))
+    assert runner.finished_metrics(run_dir(tmp_path), chash) is not None
+    load = runner.OmegaConf.load
+
+    def restarted_meanwhile(path):
+        metrics.unlink()
+        return load(path)
+    monkeypatch.setattr(runner.OmegaConf, "load", restarted_meanwhile)
+    assert runner.finished_metrics(run_dir(tmp_path), chash) is None
 
 
 def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path, data):

@@ -98,7 +98,7 @@ def speed_claims(bench_dir: Path) -> list[Claim]:
 
 def write_claims(records: Sequence[dict], groups: dict[tuple[str, str, str], Runs], bench_dir: Path | None,
                  out_stem: Path, notes: Sequence[str]) -> dict[str, Path]:
-    floor = floors(records, groups)
+    floor = floors(records)
     pairs = [(f"PARADE >= {b} (Table 1)", "parade", b) for b in TABLE1_BASELINES]
     pairs += [("capsule pooler >= last-token pooler (PARADE vs PARA)", "parade", "para"),
               ("rational activation helps (PEDRO vs PARA)", "pedro", "para")]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import statistics
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -46,13 +47,15 @@ def majority_scores(records: Iterable[dict]) -> dict[tuple[str, str], tuple[str,
     return {key: (metric, score) for key, (_, metric, score) in found.items()}
 
 
-def floors(records: Sequence[dict], groups: dict[tuple[str, str, str], Runs]) -> dict[tuple[str, str], float]:
-    """(backbone, task) -> the higher of the majority-class rate and the zero-shot median."""
+def floors(records: Sequence[dict]) -> dict[tuple[str, str], float]:
+    """(backbone, task) -> the higher of the majority-class rate and the zero-shot median (deduped records in)."""
     out = {key: score for key, (_, score) in majority_scores(records).items()}
-    for (backbone, method, task), runs in groups.items():
-        if method == ZERO_SHOT:
-            zero = statistics.median(float(r["score"]) for r, _ in runs.values())
-            out[(backbone, task)] = max(out.get((backbone, task), zero), zero)
+    zero: dict[tuple[str, str], list[float]] = {}
+    for rec in records:
+        if rec["method"] == ZERO_SHOT:
+            zero.setdefault((str(rec["backbone"]), str(rec["task"])), []).append(float(rec["score"]))
+    for key, scores in zero.items():
+        out[key] = max(out.get(key, -math.inf), statistics.median(scores))
     return out
 
 

@@ -296,7 +296,7 @@ def write_plots(root: Path, out_dir: Path) -> list[Path]:
     """Figure 2 (score against tunable parameters, one panel per task) as PNG and PDF, plus an
     index linking every per-run figure (PEDRO's learned activations) found in the runs' artifacts."""
     from papeft.report.plots import plot_budget, plot_methods_budget
-    records = collect(root)
+    records = usable_records(collect(root))          # deduped once: each duplicate is named once
     written: list[Path] = []
     for task, series in budget_series(records).items():
         metric = next(r["metric"] for r in records if r["task"] == task)
@@ -309,9 +309,8 @@ def write_plots(root: Path, out_dir: Path) -> list[Path]:
               for task in sorted({str(r["task"]) for r in records})}
     panels = {t: p for t, p in panels.items() if len(p) > 1}
     if panels:
-        good = usable_records(records)
         task_floors: dict[str, float] = {}
-        for (_, task), score in floors(good, group_runs(good)).items():
+        for (_, task), score in floors(records).items():
             task_floors[task] = max(task_floors.get(task, score), score)
         written += plot_methods_budget(panels, task_floors, out_dir / "budget-methods",
                                        title="score against tunable parameters, each method at its own budget")

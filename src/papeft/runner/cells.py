@@ -7,8 +7,8 @@ and, written last and atomically, `metrics.json`: a run that dies leaves no
 
 Sweeps that survive (`resume: auto`, the default):
 * a cell whose `metrics.json` is complete and whose config hash (recorded, or recomputed from its
-  `config.yaml` under today's rules, so a key newly excluded from the hash reruns nothing) is this
-  config's is skipped;
+  `config.yaml` under today's rules, so a key newly excluded from the hash reruns no finished cell) is
+  this config's is skipped (a checkpoint is resumed only under the hash it recorded);
 * an unfinished cell resumes from `checkpoint/last.safetensors` (papeft.train.checkpoint), which is
   deleted once `metrics.json` is written;
 * a cell that raises writes `failed.json` (error, traceback, checkpoint step). In a Hydra
@@ -102,7 +102,8 @@ def finished_metrics(run_dir: Path, chash: str) -> dict | None:
         return rec
     stored = run_dir / "config.yaml"
     if stored.is_file() and config_hash(OmegaConf.to_container(OmegaConf.load(stored))) == chash:
-        return rec
+        # unchanged since it was read: a run starting on this cell deletes metrics.json before its config.yaml
+        return rec if read_json(run_dir / METRICS) == rec else None
     return None
 
 
@@ -266,8 +267,10 @@ def _train_and_test(cfg: DictConfig, seed: int, out: Path, chash: str, parallel:
         "metric": task.metric, "score": result.score, "metrics": result.metrics,
         "majority_class": task.majority_class(splits.train, splits.test), **adapted.param_counts(),
         "train_time_s": fit["train_time_s"], "train_tokens_per_s": fit["train_tokens_per_s"],
-        "test_time_s": time.perf_counter() - tested,      # this attempt's (a resumed cell: since it resumed)
-        "cell_time_s": time.perf_counter() - started,      # data, model, training, dev and test
+        "test_time_s": time.perf_counter() - tested,
+        # what the cell cost: this attempt's data, model, training, dev and test, plus the training seconds of
+        # the attempts it resumed from (their loading and the steps after their last checkpoint are not known)
+        "cell_time_s": time.perf_counter() - started + fit["earlier_attempts_train_s"],
         "steps": fit["steps"], "stopped_early": fit["stopped_early"], "batch_size": fit["batch_size"],
         "best_step": fit["best_step"], "resumed_from_step": fit["resumed_from_step"],
         "best_dev_loss": fit["best_dev_loss"], "dev_history": fit["history"],

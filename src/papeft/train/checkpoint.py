@@ -85,7 +85,8 @@ def _strip(node: Any, prefix: str = "") -> Any:
 
 def config_hash(resolved: dict) -> str:
     """16 hex digits of sha256 over the resolved run config, without keys that cannot change the
-    result (paths, logging, resume policy, `cache_dir`s, progress bars, checkpoint frequency)."""
+    result (paths, logging, resume policy, `cache_dir`s, progress bars, checkpoint frequency, the CPU
+    protocol's lookup tables: `HASH_EXCLUDED`)."""
     text = json.dumps(_strip(resolved), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

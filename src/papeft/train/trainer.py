@@ -184,7 +184,7 @@ class Trainer:
         except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:   # this config's, but unusable
             raise CheckpointError(self.checkpointer.path, exc) from exc
         bar = tqdm(total=total, initial=st.step, desc="train", disable=not cfg.progress or not self.parallel.is_main)
-        self._start = time.perf_counter() - st.elapsed_s
+        self._start, earlier_s = time.perf_counter() - st.elapsed_s, st.elapsed_s   # earlier attempts' training
         self.model.train()
         with PreemptionGuard() as guard:
             while not st.finished:
@@ -219,7 +219,8 @@ class Trainer:
                 "best_step": st.best_step, "best_dev_loss": st.best_dev_loss if self._best is not None else None,
                 "train_time_s": train_time, "train_tokens": st.tokens,
                 "train_tokens_per_s": st.tokens / max(train_time, 1e-9), "history": st.history,
-                "resumed_from_step": resumed_from, "precision": self.precision.name}
+                "resumed_from_step": resumed_from, "earlier_attempts_train_s": earlier_s,
+                "precision": self.precision.name}
 
     def _fit_nothing(self, dev: list[Encoded], batch_size: int, save_dir) -> dict:
         """A method with no tunable weight (the zero-shot floor): its dev loss once, no step, no checkpoint."""
@@ -231,7 +232,7 @@ class Trainer:
         return {"steps": 0, "planned_steps": 0, "stopped_early": False, "batch_size": batch_size,
                 "best_step": 0, "best_dev_loss": dev_loss, "train_time_s": 0.0, "train_tokens": 0,
                 "train_tokens_per_s": 0.0, "history": history, "resumed_from_step": None,
-                "precision": self.precision.name}
+                "earlier_attempts_train_s": 0.0, "precision": self.precision.name}
 
     def _step(self, examples: list[Encoded], micro: int, params: list, st: TrainState, parts: dict) -> float:
         """One optimizer step (plus the outer step of a bi-level method); refuses NaN/inf."""
