@@ -144,6 +144,29 @@ def test_selection_picks_the_lowest_dev_loss_never_the_test_score(tmp_path, caps
     assert (tmp_path / "sel" / "dev_curves.png").stat().st_size > 0
 
 
+def test_selection_flags_an_edge_prints_the_rates_and_adopts_the_chosen_runs(tmp_path, capsys):
+    sel, table = tmp_path / "sel", tmp_path / "table"
+    write_run(sel / "lr0.001", "lora", 0, 60, lr=1e-3, dev_loss=0.30)     # interior: 1e-3 of 3e-4..3e-3
+    write_run(sel / "lr0.003", "lora", 0, 90, lr=3e-3, dev_loss=0.40)
+    write_run(sel / "lr0.0003", "lora", 0, 70, lr=3e-4, dev_loss=0.35)
+    write_run(sel / "lr0.001", "ia3", 0, 60, lr=1e-3, dev_loss=0.50)      # edge: 1e-2, the highest tried
+    write_run(sel / "lr0.003", "ia3", 0, 70, lr=3e-3, dev_loss=0.30)
+    ia3 = write_run(sel / "lr0.01", "ia3", 0, 80, lr=1e-2, dev_loss=0.20)
+    (ia3 / "checkpoint").mkdir()
+    (ia3 / "cell.lock").write_text("{}")
+    kept = write_run(table, "lora", 0, 50, lr=1e-3, dev_loss=0.9)           # finished in the table already
+    before = (kept / "metrics.json").read_text()
+    assert selection_main([str(sel), "--out", str(sel), "--adopt-into", str(table)]) == 0
+    out = capsys.readouterr().out
+    assert "- ia3 on sst2 (smollm2_135m): 0.01 at the grid's edge: try 0.03" in out and "lora on sst2 (" not in out
+    assert "chosen on sst2: lrs: {ia3: 1.0e-02, lora: 1.0e-03}" in out
+    adopted = table / "smollm2_135m/ia3/sst2/seed0"
+    assert f"adopted {ia3} -> {adopted}" in out and f"kept {kept}" in out
+    assert (adopted / "metrics.json").read_text() == (ia3 / "metrics.json").read_text()
+    assert sorted(p.name for p in adopted.iterdir()) == ["config.yaml", "metrics.json", "predictions.jsonl"]
+    assert (kept / "metrics.json").read_text() == before
+
+
 def test_selection_without_runs_says_so(tmp_path, capsys):
     assert selection_main([str(tmp_path)]) == 1
     assert "no finished run" in capsys.readouterr().err

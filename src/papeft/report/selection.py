@@ -7,7 +7,11 @@ that differ in `trainer.lr`, and writes `OUT/selection.{md,csv}` (per backbone, 
 each learning rate's best dev loss and its step, the chosen one marked) and `OUT/dev_curves.{png,pdf}`
 (dev loss against optimizer steps, one panel per task, one line per method and learning rate; a
 zero-shot run, when present, as a dashed line: the frozen backbone's dev loss).
-Test scores of selection runs are listed for the record; they played no part in the choice.
+Test scores of selection runs are listed for the record; they played no part in the choice. A rate
+chosen at the edge of the rates tried is flagged (the next rate out should be tried), and the chosen rates
+are printed as a `lrs` mapping for the protocol's config. `--adopt-into RUNS` copies each chosen run
+(seed 0, its config unchanged) into a sweep's runs folder as that cell, so the sweep skips it when its
+config hash matches (the sweep reruns it otherwise); a cell already finished there is left as it is.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ import argparse
 import csv
 import io
 import math
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -49,10 +55,22 @@ def chosen(by_lr: dict[float, dict]) -> float:
     return min(finite, key=lambda lr: (finite[lr], lr))
 
 
+def edge_note(by_lr: dict[float, dict]) -> str:
+    """'' unless the chosen rate is the lowest or highest of two or more tried: then which rate to try next."""
+    rates, pick = sorted(by_lr), chosen(by_lr)
+    if len(rates) < 2 or rates[0] < pick < rates[-1]:
+        return ""
+    nxt = pick * rates[-1] / rates[-2] if pick == rates[-1] else pick * rates[0] / rates[1]
+    decade = 10.0 ** math.floor(math.log10(nxt))                   # snapped to the 1-3-10 grid of rates
+    nxt = min((v * decade for v in (1, 3, 10)), key=lambda v: abs(math.log(nxt / v)))
+    return f"at the grid's edge: try {nxt:g}"
+
+
 def selection_table(runs: dict[tuple[str, str, str], dict[float, dict]]) -> tuple[str, str]:
     """(Markdown, CSV) of every selection run, the chosen rate per (backbone, method, task) marked."""
     md = ["| backbone | method | task | lr | best dev loss | at step | of steps | chosen | test score (not used) |",
           "|---|---|---|---:|---:|---:|---:|---|---:|"]
+    edges = []
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["backbone", "method", "task", "lr", "best_dev_loss", "best_step", "steps", "chosen", "test_score"])
@@ -60,6 +78,8 @@ def selection_table(runs: dict[tuple[str, str, str], dict[float, dict]]) -> tupl
         if all(r["steps"] == 0 for r in by_lr.values()):          # the zero-shot floor: drawn, not chosen
             continue
         pick = chosen(by_lr)
+        if note := edge_note(by_lr):
+            edges.append(f"- {method} on {task} ({backbone}): {pick:g} {note}")
         for lr, rec in sorted(by_lr.items()):
             mark = "yes" if lr == pick else ""
             md.append(f"| {backbone} | {method} | {task} | {lr:g} | {rec['best_dev_loss']:.4f} | {rec['best_step']} | "
@@ -68,7 +88,39 @@ def selection_table(runs: dict[tuple[str, str, str], dict[float, dict]]) -> tupl
                              rec["steps"], mark, round(rec["score"], 4)])
     legend = ("Chosen: the learning rate with the lowest dev loss (label tokens' cross-entropy on the dev split), "
               "seed 0. Test scores are listed for the record only; no choice read them.")
+    if edges:
+        legend += "\n\nChosen at the edge of the rates tried:\n\n" + "\n".join(edges)
     return "\n".join(md + ["", legend]) + "\n", buf.getvalue()
+
+
+def chosen_rates(runs: dict[tuple[str, str, str], dict[float, dict]]) -> dict[str, dict[str, float]]:
+    """task -> method -> chosen rate (the protocol's `lrs` when one task chooses for all)."""
+    out: dict[str, dict[str, float]] = {}
+    for (_, method, task), by_lr in sorted(runs.items()):
+        if not all(r["steps"] == 0 for r in by_lr.values()):
+            out.setdefault(task, {})[method] = chosen(by_lr)
+    return out
+
+
+def adopt(runs: dict[tuple[str, str, str], dict[float, dict]], into: Path) -> list[str]:
+    """Copy each chosen run folder (without checkpoint or lock) to into/backbone/method/task/seedN, atomically;
+    a cell with a metrics.json there is kept. One line per cell saying what happened."""
+    lines = []
+    for (backbone, method, task), by_lr in sorted(runs.items()):
+        if all(r["steps"] == 0 for r in by_lr.values()):
+            continue
+        rec = by_lr[chosen(by_lr)]
+        source, target = Path(rec["_source"]).parent, into / backbone / method / task / f"seed{rec['seed']}"
+        if (target / "metrics.json").exists():
+            lines.append(f"kept {target} (finished there already)")
+            continue
+        staging = target.with_name(f".{target.name}.adopting-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(source, staging, ignore=shutil.ignore_patterns("checkpoint", "cell.lock", ".*"))
+        shutil.rmtree(target, ignore_errors=True)                 # an unfinished attempt of the cell
+        staging.rename(target)
+        lines.append(f"adopted {source} -> {target}")
+    return lines
 
 
 def plot_dev_curves(runs: dict[tuple[str, str, str], dict[float, dict]], stem: Path) -> list[Path]:
@@ -103,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m papeft.report.selection", description=__doc__.split("\n")[0])
     ap.add_argument("dir", type=Path, help="folder of selection runs (differing in trainer.lr)")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: dir)")
+    ap.add_argument("--adopt-into", type=Path, default=None, metavar="RUNS",
+                    help="copy each chosen run into this sweep's runs folder as its cell (e.g. results/cpu_table1/runs)")
     args = ap.parse_args(argv)
     runs = selection_runs(args.dir) if args.dir.is_dir() else {}
     if not runs:
@@ -114,7 +168,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_text(out / "selection.csv", table)
     figures = plot_dev_curves(runs, out / "dev_curves")
     print(md, end="")
+    for task, rates in chosen_rates(runs).items():
+        print(f"chosen on {task}: lrs: {{{', '.join(f'{m}: {lr:.1e}' for m, lr in rates.items())}}}")
     print("written:", ", ".join(str(p) for p in [out / "selection.md", out / "selection.csv", *figures]))
+    if args.adopt_into is not None:
+        print("\n".join(adopt(runs, args.adopt_into)))
     return 0
 
 
