@@ -47,6 +47,11 @@ def selection_runs(root: Path) -> dict[tuple[str, str, str], dict[float, dict]]:
     return out
 
 
+def is_floor(by_lr: dict[float, dict]) -> bool:
+    """A method that trains nothing (the zero-shot floor): drawn, never chosen."""
+    return all(r["steps"] == 0 for r in by_lr.values())
+
+
 def chosen(by_lr: dict[float, dict]) -> float:
     """The learning rate with the lowest best dev loss (ties: the smaller rate); NaN losses never win."""
     finite = {lr: r["best_dev_loss"] for lr, r in by_lr.items() if math.isfinite(r["best_dev_loss"])}
@@ -75,7 +80,7 @@ def selection_table(runs: dict[tuple[str, str, str], dict[float, dict]]) -> tupl
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["backbone", "method", "task", "lr", "best_dev_loss", "best_step", "steps", "chosen", "test_score"])
     for (backbone, method, task), by_lr in sorted(runs.items()):
-        if all(r["steps"] == 0 for r in by_lr.values()):          # the zero-shot floor: drawn, not chosen
+        if is_floor(by_lr):
             continue
         pick = chosen(by_lr)
         if note := edge_note(by_lr):
@@ -97,7 +102,7 @@ def chosen_rates(runs: dict[tuple[str, str, str], dict[float, dict]]) -> dict[st
     """task -> method -> chosen rate (the protocol's `lrs` when one task chooses for all)."""
     out: dict[str, dict[str, float]] = {}
     for (_, method, task), by_lr in sorted(runs.items()):
-        if not all(r["steps"] == 0 for r in by_lr.values()):
+        if not is_floor(by_lr):
             out.setdefault(task, {})[method] = chosen(by_lr)
     return out
 
@@ -107,7 +112,7 @@ def adopt(runs: dict[tuple[str, str, str], dict[float, dict]], into: Path) -> li
     a cell with a metrics.json there is kept. One line per cell saying what happened."""
     lines = []
     for (backbone, method, task), by_lr in sorted(runs.items()):
-        if all(r["steps"] == 0 for r in by_lr.values()):
+        if is_floor(by_lr):
             continue
         rec = by_lr[chosen(by_lr)]
         source, target = Path(rec["_source"]).parent, into / backbone / method / task / f"seed{rec['seed']}"
@@ -134,7 +139,7 @@ def plot_dev_curves(runs: dict[tuple[str, str, str], dict[float, dict]], stem: P
             if t != task:
                 continue
             rates = sorted(by_lr)
-            if all(by_lr[lr]["steps"] == 0 for lr in rates):           # zero-shot: its one dev loss, a line
+            if is_floor(by_lr):                                   # zero-shot: its one dev loss, a line
                 ax.axhline(by_lr[rates[0]]["best_dev_loss"], color="0.4", ls="--", lw=1.0, label=f"{method} (floor)")
                 continue
             for j, lr in enumerate(rates):
