@@ -167,6 +167,24 @@ def test_selection_flags_an_edge_prints_the_rates_and_adopts_the_chosen_runs(tmp
     assert (kept / "metrics.json").read_text() == before
 
 
+def test_selection_lists_a_failed_rate_with_its_reason_and_counts_it_as_tried(tmp_path, capsys):
+    write_run(tmp_path / "lr0.001", "para", 0, 60, lr=1e-3, dev_loss=0.50)
+    write_run(tmp_path / "lr0.003", "para", 0, 80, lr=3e-3, dev_loss=0.20)    # best finished: 3e-3, the edge of those
+    failed = tmp_path / "lr0.01" / "smollm2_135m/para/sst2/seed0"
+    failed.mkdir(parents=True)
+    (failed / "config.yaml").write_text(OmegaConf.to_yaml({"trainer": {"lr": 1e-2}}))
+    (failed / "failed.json").write_text(json.dumps({
+        "backbone": "smollm2_135m", "method": "para", "task": "sst2", "seed": 0, "status": "failed",
+        "error": "non-finite gradient norm (inf) at step 19: training stopped; lower trainer.lr",
+        "error_type": "NonFiniteLossError", "traceback": "..."}))
+    assert selection_main([str(tmp_path), "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "selection.md").read_text()
+    assert "| para | sst2 | 0.01 | failed: non-finite gradient norm (inf) at step 19 |" in md
+    assert "grid's edge" not in md                                       # 1e-2 was tried: 3e-3 is interior
+    rows = [r.split(",") for r in (tmp_path / "selection.csv").read_text().splitlines()[1:]]
+    assert [(r[3], r[7]) for r in rows] == [("0.001", ""), ("0.003", "yes"), ("0.01", "failed: non-finite gradient norm (inf) at step 19")]
+
+
 def test_selection_without_runs_says_so(tmp_path, capsys):
     assert selection_main([str(tmp_path)]) == 1
     assert "no finished run" in capsys.readouterr().err

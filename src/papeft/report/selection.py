@@ -7,7 +7,8 @@ that differ in `trainer.lr`, and writes `OUT/selection.{md,csv}` (per backbone, 
 each learning rate's best dev loss and its step, the chosen one marked) and `OUT/dev_curves.{png,pdf}`
 (dev loss against optimizer steps, one panel per task, one line per method and learning rate; a
 zero-shot run, when present, as a dashed line: the frozen backbone's dev loss).
-Test scores of selection runs are listed for the record; they played no part in the choice. A rate
+Test scores of selection runs are listed for the record; they played no part in the choice. A run that
+failed (its `failed.json`: a diverged loss, say) is listed with its reason and counts as tried. A rate
 chosen at the edge of the rates tried is flagged (the next rate out should be tried), and the chosen rates
 are printed as a `lrs` mapping for the protocol's config. `--adopt-into RUNS` copies each chosen run
 (seed 0, its config unchanged) into a sweep's runs folder as that cell, so the sweep skips it when its
@@ -30,7 +31,7 @@ from matplotlib.figure import Figure
 from papeft.io import write_text
 from papeft.report.plots import save_figure
 from papeft.report.reproduction import run_config
-from papeft.report.tables import collect
+from papeft.report.tables import collect, collect_failures
 
 
 def selection_runs(root: Path) -> dict[tuple[str, str, str], dict[float, dict]]:
@@ -47,6 +48,16 @@ def selection_runs(root: Path) -> dict[tuple[str, str, str], dict[float, dict]]:
     return out
 
 
+def selection_failures(root: Path) -> dict[tuple[str, str, str], dict[float, dict]]:
+    """(backbone, method, task) -> learning rate -> failure record, for the runs that wrote `failed.json`."""
+    out: dict[tuple[str, str, str], dict[float, dict]] = {}
+    for rec in collect_failures(root):
+        lr = (run_config(rec).get("trainer") or {}).get("lr")
+        if lr is not None and rec.get("seed") == 0:
+            out.setdefault((str(rec["backbone"]), str(rec["method"]), str(rec["task"])), {})[float(lr)] = rec
+    return out
+
+
 def is_floor(by_lr: dict[float, dict]) -> bool:
     """A method that trains nothing (the zero-shot floor): drawn, never chosen."""
     return all(r["steps"] == 0 for r in by_lr.values())
@@ -60,9 +71,10 @@ def chosen(by_lr: dict[float, dict]) -> float:
     return min(finite, key=lambda lr: (finite[lr], lr))
 
 
-def edge_note(by_lr: dict[float, dict]) -> str:
-    """'' unless the chosen rate is the lowest or highest of two or more tried: then which rate to try next."""
-    rates, pick = sorted(by_lr), chosen(by_lr)
+def edge_note(by_lr: dict[float, dict], failed: Sequence[float] = ()) -> str:
+    """'' unless the chosen rate is the lowest or highest of two or more tried (finished or `failed`):
+    then which rate to try next."""
+    rates, pick = sorted({*by_lr, *failed}), chosen(by_lr)
     if len(rates) < 2 or rates[0] < pick < rates[-1]:
         return ""
     nxt = pick * rates[-1] / rates[-2] if pick == rates[-1] else pick * rates[0] / rates[1]
@@ -71,8 +83,15 @@ def edge_note(by_lr: dict[float, dict]) -> str:
     return f"at the grid's edge: try {nxt:g}"
 
 
-def selection_table(runs: dict[tuple[str, str, str], dict[float, dict]]) -> tuple[str, str]:
-    """(Markdown, CSV) of every selection run, the chosen rate per (backbone, method, task) marked."""
+def first_sentence(error: str) -> str:
+    return error.split(": ", 1)[0] if ": " in error else error.split(". ", 1)[0]
+
+
+def selection_table(runs: dict[tuple[str, str, str], dict[float, dict]],
+                    failures: dict[tuple[str, str, str], dict[float, dict]] | None = None) -> tuple[str, str]:
+    """(Markdown, CSV) of every selection run, the chosen rate per (backbone, method, task) marked, and
+    each failed run with its reason (a failed rate is never chosen)."""
+    failures = failures or {}
     md = ["| backbone | method | task | lr | best dev loss | at step | of steps | chosen | test score (not used) |",
           "|---|---|---|---:|---:|---:|---:|---|---:|"]
     edges = []
@@ -82,17 +101,23 @@ def selection_table(runs: dict[tuple[str, str, str], dict[float, dict]]) -> tupl
     for (backbone, method, task), by_lr in sorted(runs.items()):
         if is_floor(by_lr):
             continue
-        pick = chosen(by_lr)
-        if note := edge_note(by_lr):
+        pick, failed = chosen(by_lr), failures.get((backbone, method, task), {})
+        if note := edge_note(by_lr, [lr for lr in failed if lr not in by_lr]):
             edges.append(f"- {method} on {task} ({backbone}): {pick:g} {note}")
-        for lr, rec in sorted(by_lr.items()):
+        for lr, rec in sorted({**failed, **by_lr}.items()):
+            if lr not in by_lr:
+                reason = first_sentence(str(rec["error"]))
+                md.append(f"| {backbone} | {method} | {task} | {lr:g} | failed: {reason} | – | – |  | – |")
+                writer.writerow([backbone, method, task, f"{lr:g}", "", "", "", f"failed: {reason}", ""])
+                continue
             mark = "yes" if lr == pick else ""
             md.append(f"| {backbone} | {method} | {task} | {lr:g} | {rec['best_dev_loss']:.4f} | {rec['best_step']} | "
                       f"{rec['steps']} | {'**yes**' if mark else ''} | {rec['score']:.1f} |")
             writer.writerow([backbone, method, task, f"{lr:g}", round(rec["best_dev_loss"], 6), rec["best_step"],
                              rec["steps"], mark, round(rec["score"], 4)])
     legend = ("Chosen: the learning rate with the lowest dev loss (label tokens' cross-entropy on the dev split), "
-              "seed 0. Test scores are listed for the record only; no choice read them.")
+              "seed 0. Test scores are listed for the record only; no choice read them. A failed run stopped before "
+              "its test (its failed.json holds the traceback): it counts as tried and is never chosen.")
     if edges:
         legend += "\n\nChosen at the edge of the rates tried:\n\n" + "\n".join(edges)
     return "\n".join(md + ["", legend]) + "\n", buf.getvalue()
@@ -168,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: no finished run with a trainer.lr in its config.yaml under {args.dir}", file=sys.stderr)
         return 1
     out = args.out or args.dir
-    md, table = selection_table(runs)
+    md, table = selection_table(runs, selection_failures(args.dir))
     write_text(out / "selection.md", md)
     write_text(out / "selection.csv", table)
     figures = plot_dev_curves(runs, out / "dev_curves")
