@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shlex
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,28 @@ def test_unknown_reference_is_an_error(tmp_path, capsys):
 def test_cuts_from_the_experiment_config_reach_the_caption(tmp_path):
     write_run(tmp_path, "lora", 0, 60, cuts=["48 steps instead of 10 epochs"])
     assert "- Cut: 48 steps instead of 10 epochs" in write_tables([tmp_path], tmp_path / "t")["md"].read_text()
+
+
+REPO = Path(__file__).resolve().parents[1]
+COMMITTED = sorted(p for p in (REPO / "results").glob("*/median.md") if "Regenerate: " in p.read_text())
+
+
+@pytest.mark.parametrize("table", COMMITTED, ids=[p.parent.name for p in COMMITTED])
+def test_committed_tables_regenerate_byte_identical_from_their_runs(table, tmp_path, monkeypatch):
+    """The command in a committed table's notes, rerun into a scratch folder, gives the same bytes."""
+    monkeypatch.chdir(REPO)
+    line = next(n for n in table.read_text().splitlines() if n.startswith("- Regenerate: "))
+    argv = shlex.split(line.removeprefix("- Regenerate: "))[3:]            # after `python -m papeft.report`
+    out_at = argv.index("--out") + 1
+    committed_out, argv[out_at] = argv[out_at], str(tmp_path)
+    argv = [a for a in argv if a != "--plots"]                           # figures: pixels, not bytes
+    assert report_main(argv) == 0
+    written = sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".md", ".csv", ".tex"))
+    assert "median.md" in written
+    for name in written:
+        again = (tmp_path / name).read_text().replace(str(tmp_path), committed_out)
+        again = again.replace(str(tmp_path).replace("_", r"\_"), committed_out.replace("_", r"\_")).replace(" --plots", "")
+        assert again == (REPO / committed_out / name).read_text().replace(" --plots", ""), name
 
 
 def test_selection_picks_the_lowest_dev_loss_never_the_test_score(tmp_path, capsys):

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import shlex
 import statistics
 import sys
 import warnings
@@ -251,14 +252,14 @@ def budget_series(records: Iterable[dict]) -> dict[str, dict[str, list[tuple[int
 
 def write_tables(run_dirs_or_metrics: Sequence[Path | str | dict], out_stem: Path | str,
                  paper: str | None = None, iqr: bool = True, reference: str | None = None,
-                 claims_from: Path | None = None) -> dict[str, Path]:
+                 claims_from: Path | None = None, command: str | None = None) -> dict[str, Path]:
     """Write ``<out_stem>.md/.csv/.tex`` (atomically) from run dirs, metrics files or dicts.
 
     Directories are scanned recursively for ``metrics.json`` and ``failed.json``. `paper` names a
     table of papeft.report.paper_numbers printed under ours. `reference` (a method) adds the
     interval and paired-difference tables (papeft.report.reproduction); `claims_from` (the folder of
-    the committed benchmarks) the claims table (papeft.report.claims). Raises ``ValueError`` when
-    there is no run.
+    the committed benchmarks) the claims table (papeft.report.claims); `command`, the command line that
+    made the tables, goes into their notes. Raises ``ValueError`` when there is no run.
     """
     from papeft.report.paper_numbers import get_table
     records: list[dict] = []
@@ -277,6 +278,8 @@ def write_tables(run_dirs_or_metrics: Sequence[Path | str | dict], out_stem: Pat
     done = {_key(r) for r in good}
     failures = [f for f in failures if _key(f) not in done]
     notes = [code_note(records)] + protocol_lines(good) + collect_notes(records)
+    if command:
+        notes.append(f"Regenerate: {command}")
     stem = Path(out_stem)
     texts = {"md": to_markdown(rows, notes, table, failures, iqr), "csv": to_csv(rows, table),
              "tex": to_latex(rows, notes, table, iqr)}
@@ -345,7 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "interval per cell) and NAME-paired.* (METHOD minus each method, paired by seed and example)")
     ap.add_argument("--claims", type=Path, default=None, metavar="BENCH_DIR", help="also write NAME-claims.{md,csv}: "
                     "each testable claim of the papers with a verdict (speed claims from BENCH_DIR's benchmarks)")
-    args = ap.parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = ap.parse_args(raw)
     if not args.dir.is_dir():
         print(f"error: {args.dir} is not a directory", file=sys.stderr)
         return 2
@@ -355,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or args.dir
     try:
         paths = write_tables([args.dir], out / args.name, paper=args.paper, iqr=args.iqr, reference=args.reference,
-                             claims_from=args.claims)
+                             claims_from=args.claims, command=shlex.join(["python", "-m", "papeft.report", *raw]))
     except (ValueError, KeyError) as exc:
         print(f"error: {exc} under {args.dir}", file=sys.stderr)
         return 1
