@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -113,8 +114,11 @@ def write_claims(records: Sequence[dict], groups: dict[tuple[str, str, str], Run
     md = ["| claim | task | paper | ours: difference [95% interval] | verdict | reason |", "|---|---|---|---|---|---|"]
     md += [f"| {c.claim} | {c.task} | {c.paper} | {c.ours} | **{c.verdict}** | {c.reason} |" for c in claims]
     counts = {v: sum(c.verdict == v for c in claims) for v in (HOLDS, FAILS, UNDECIDED)}
-    md += ["", "Verdicts: " + ", ".join(f"{n} {v}" for v, n in counts.items()) + ". " + __doc__.split("\n\n")[1]
-           .replace("\n", " ").strip()]
+    rules = re.sub(r"\n\s+", " ", __doc__.split("\n\n")[1]).strip().splitlines()   # one line per rule
+    bullets = [i for i, line in enumerate(rules) if line.startswith("* ")]
+    rules = rules[:bullets[0]] + [""] + ["- " + r[2:] for r in rules[bullets[0]:bullets[-1] + 1]] + [""] + \
+        rules[bullets[-1] + 1:]
+    md += ["", "Verdicts: " + ", ".join(f"{n} {v}" for v, n in counts.items()) + ".", "", *rules]
     md += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
