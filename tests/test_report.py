@@ -113,12 +113,12 @@ def test_latex_marks_escapes_and_balance():
     rows = median_table([rec("my_best", score=90), rec("second", score=80),
                          rec("third", score=70), rec("tied_3rd", score=70),
                          rec("my_best", task="rte", score=40, notes=["50% & #1_note"])])
-    tex = to_latex(rows, report.collect_notes([rec(notes=["50% & #1_note"])]))
+    tex = to_latex(rows, report.collect_notes([rec(notes=["50% & #1_note --out x"])]))
     assert r"\textbf{90.0}" in tex and r"\underline{80.0}" in tex
     assert r"\textbf{70.0}" not in tex and r"\underline{70.0}" not in tex
     assert r"my\_best" in tex and "my_best" not in tex.replace(r"my\_best", "")
     assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex
-    assert r"50\% \& \#1\_note" in tex
+    assert r"50\% \& \#1\_note -{}-out x" in tex        # `--` kept as two hyphens, not an en dash
     body = tex.split(r"\toprule")[1].split(r"\bottomrule")[0]
     rows_tex = [l for l in body.splitlines() if l.endswith(r"\\")]
     counts = {l.replace(r"\&", "").count("&") for l in rows_tex}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from typing import Callable, Sequence
 
 from papeft.report.paper_numbers import PaperTable
@@ -169,8 +170,8 @@ _TEX = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#
 
 
 def tex_escape(text: str) -> str:
-    """Escape LaTeX special characters."""
-    return "".join(_TEX.get(ch, ch) for ch in str(text))
+    """Escape LaTeX special characters; a command-line flag's `--` stays two hyphens, not an en dash."""
+    return re.sub(r"(?<![-\w])--(?=[a-z])", "-{}-", "".join(_TEX.get(ch, ch) for ch in str(text)))
 
 
 def to_latex(rows: list[Row], notes: Sequence[str] = (), paper: PaperTable | None = None,
