@@ -72,11 +72,11 @@ def test_incomplete_and_corrupt_runs_not_counted(tmp_path):
     assert cell(rows, "parade", "copa").scores == [50.0]
 
 
-def test_duplicate_seed_keeps_newest(tmp_path):
-    old = put(tmp_path, "old", rec(score=10))
-    new = put(tmp_path, "new", rec(score=80))
-    os.utime(old, (1_000_000, 1_000_000))
-    os.utime(new, (2_000_000, 2_000_000))
+def test_duplicate_seed_keeps_the_last_by_path_whatever_the_file_times(tmp_path):
+    old = put(tmp_path, "a_first", rec(score=10))
+    new = put(tmp_path, "b_second", rec(score=80))
+    os.utime(old, (2_000_000, 2_000_000))                           # a checkout sets times at random
+    os.utime(new, (1_000_000, 1_000_000))
     records = collect(tmp_path)
     with pytest.warns(UserWarning, match="duplicate"):
         rows = median_table(records)
@@ -84,7 +84,7 @@ def test_duplicate_seed_keeps_newest(tmp_path):
     with warnings.catch_warnings(record=True) as caught:            # the whole report names it once
         warnings.simplefilter("always")
         write_tables([tmp_path], tmp_path / "table", reference="parade")
-    assert [str(w.message) for w in caught if "duplicate" in str(w.message)] == [
+    assert [str(w.message) for w in caught if str(w.message).startswith("duplicate")] == [
         f"duplicate run ('smollm2_135m', 'parade', 'copa', 0): keeping {new}, ignoring {old}"]
 
 
@@ -186,12 +186,13 @@ def failure(method="b", task="copa", seed=0, **kw) -> dict:
 def test_iqr_shown_and_failed_cells_never_a_number(tmp_path):
     recs = [rec("a", seed=i, score=s) for i, s in enumerate([1, 2, 3, 4])] + [rec("b", "rte", score=60)]
     rows = median_table(recs, [failure("b", "copa", s) for s in range(2)] + [failure("a", "copa", 9)])
-    md, tex = to_markdown(rows, failures=[failure("b")]), to_latex(rows)
+    md, tex = to_markdown(rows, failures=[failure("b")]), to_latex(rows, failures=[failure("b")])
     a_line = next(line for line in md.splitlines() if line.startswith("| smollm2_135m | a |"))
     b_line = next(line for line in md.splitlines() if line.startswith("| smollm2_135m | b |"))
     assert "2.5 [1.5]" in a_line and "(n=4, 1 failed)" in a_line      # median [IQR]; 5 expected, 1 failed
     assert b_line.split("|")[4].strip() == "failed" and "Failed runs:" in md and "DataError" in md
     assert r"\textit{failed}" in tex and r"\,{\scriptsize[1.5]}" in tex
+    assert r"Failed: smollm2\_135m / b / copa / seed 0: DataError: boolq/train.jsonl not found" in tex
     table = {r["method"]: r for r in csv.DictReader(io.StringIO(to_csv(rows)))}
     assert table["b"]["copa_median"] == "" and table["b"]["copa_failed"] == "2" and table["a"]["copa_iqr"] == "1.5"
     assert "[" not in to_markdown(rows, iqr=False).split("\n\n")[0].replace("[interquartile", "")
@@ -265,7 +266,7 @@ def test_a_method_whose_every_seed_is_nan_keeps_its_row_and_says_why(tmp_path):
     md, tex = paths["md"].read_text(), paths["tex"].read_text()
     a_line = next(line for line in md.splitlines() if line.startswith("| smollm2_135m | a |"))
     c_line = next(line for line in md.splitlines() if line.startswith("| smollm2_135m | c |"))
-    assert a_line.split("|")[4].strip() == "NaN" and "40.0_ (n=1, 1 NaN)" in c_line
+    assert a_line.split("|")[4].strip() == "NaN" and "| 40.0 (n=1, 1 NaN) |" in c_line    # short: no mark
     why = md.split("Runs without a score:")[1]
     assert why.count("judge_score is NaN") == 3 and "judge_missing=160, n_judged=0" in why
     assert str(tmp_path / "a/s0/metrics.json") in why and "`NaN`" in md

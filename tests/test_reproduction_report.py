@@ -2,6 +2,7 @@
 verdicts, the protocol in every caption, and the learning-rate selection record (dev loss only)."""
 from __future__ import annotations
 
+import csv
 import json
 import random
 import shlex
@@ -44,6 +45,10 @@ def write_run(root: Path, method: str, seed: int, accuracy: float, task: str = "
                **(extra or {})}
     (run / "metrics.json").write_text(json.dumps(metrics))
     return run
+
+
+def csv_rows(path: Path) -> list[dict]:
+    return list(csv.DictReader(path.read_text().splitlines()))
 
 
 def sweep(root: Path, accuracies: dict[str, list[float]], **kwargs) -> None:
@@ -92,6 +97,14 @@ def test_paired_difference_sign_and_width(tmp_path):
     assert even.low < 0 < even.high
 
 
+def test_no_best_or_second_mark_at_or_under_the_floor(tmp_path):
+    sweep(tmp_path, {"parade": [52, 53, 51], "lora": [58, 57, 59], "ia3": [61, 62, 60]}, task="rte", majority=59.0)
+    md = write_tables([tmp_path], tmp_path / "median")["md"].read_text()
+    rows = {line.split(" | ")[1]: line for line in md.splitlines() if line.startswith("| smollm2")}
+    assert "**" not in rows["lora"] + rows["parade"] and "_" not in rows["lora"].replace("smollm2_135m", "")
+    assert "| 61.0 [1.0] |" in rows["ia3"]                  # the one cell above 59.0: nothing to rank it against
+
+
 def test_report_cli_writes_intervals_paired_and_claims_with_verdicts(tmp_path):
     runs = tmp_path / "runs"
     sweep(runs, {"parade": [80, 82, 81, 79, 83], "lora": [60, 61, 62, 59, 60], "ia3": [95, 96, 94, 95, 97],
@@ -99,27 +112,51 @@ def test_report_cli_writes_intervals_paired_and_claims_with_verdicts(tmp_path):
     sweep(runs, {"parade": [50, 51, 49, 50, 50], "lora": [50, 49, 51, 50, 50]}, task="rte", majority=52.0)
     bench = tmp_path / "bench"
     bench.mkdir()
-    row = {"method": "parade", "path": "new-fp32", "step_x_lora": 0.83, "samples": [{}, {}, {}], "step_spread_pct": 4.0}
-    (bench / "train-x.json").write_text(json.dumps({"rows": [row]}))
+    rows = [{"method": m, "path": path, "step_x_lora": x, "samples": [{}, {}, {}], "step_spread_pct": spread}
+            for m, path, x, spread in [("lora", "new-fp32", 1.0, 5.0), ("parade", "new-fp32", 0.83, 4.0),
+                                       ("lora", "new-bf16", 1.0, 8.0), ("parade", "new-bf16", 0.95, 3.0)]]
+    (bench / "train-x.json").write_text(json.dumps({"rows": rows}))
     assert report_main([str(runs), "--out", str(tmp_path / "out"), "--reference", "parade", "--claims", str(bench)]) == 0
     out = tmp_path / "out"
     paired = (out / "median-paired.md").read_text()
     lora = next(line for line in paired.splitlines() if line.startswith("| parade − lora |"))
     assert lora.split(" | ")[2].startswith("+20.0 [") and lora.endswith("(n=5) |")       # columns: rte, sst2
-    claims = {(c["claim"], c["task"]): c for c in
-              __import__("csv").DictReader((out / "median-claims.csv").read_text().splitlines())}
+    claims = {(c["claim"], c["task"]): c for c in csv_rows(out / "median-claims.csv")}
     assert claims[("PARADE >= lora (Table 1)", "sst2")]["verdict"] == HOLDS
     assert claims[("PARADE >= ia3 (Table 1)", "sst2")]["verdict"] == FAILS
     assert claims[("PARADE >= bitfit (Table 1)", "sst2")]["verdict"] == UNDECIDED
     rte = claims[("PARADE >= lora (Table 1)", "rte")]
     assert rte["verdict"] == UNDECIDED and "beats the floor (52.0)" in rte["reason"]
     assert claims[("PARADE >= lora (Table 1)", "sst2")]["paper"].startswith("94.2 vs 93.6 (+0.6)")
-    assert claims[("PARADE's training step <= LoRA's", "train-x")]["verdict"] == HOLDS
+    speed = [c for c in csv_rows(out / "median-claims.csv") if c["task"] == "train-x"]
+    assert [c["verdict"] for c in speed] == [HOLDS, UNDECIDED]             # 0.95x is within LoRA's 8% spread
+    assert "within the spread" in speed[1]["reason"]
+    assert claims[("PARADE >= ptuning_v2 (Table 1)", "sst2")]["reason"] == "no finished run of ptuning_v2 on sst2"
     for ext in ("md", "csv", "tex"):
         assert (out / f"median-intervals.{ext}").is_file() and (out / f"median-paired.{ext}").is_file()
     first = {p.name: p.read_bytes() for p in out.iterdir()}
     assert report_main([str(runs), "--out", str(out), "--reference", "parade", "--claims", str(bench)]) == 0
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first            # regenerates byte-identical
+
+
+def test_claims_say_when_a_cell_is_under_the_floor_and_never_decide_on_a_coarse_seeds_only_interval(tmp_path):
+    sweep(tmp_path, {"parade": [80, 82, 81, 79, 83], "lora": [45, 46, 44, 45, 46]}, majority=50.0)
+    sweep(tmp_path, {"parade": [80, 82, 81], "ia3": [60, 61, 62]}, task="rte", majority=50.0)
+    (tmp_path / "smollm2_135m/ia3/rte/seed1/predictions.jsonl").unlink()
+    write_run(tmp_path, "parade", 3, 50, task="rte", extra={"score": float("nan")})    # a seed without a score
+    with pytest.warns(UserWarning, match=r"ia3/rte/seed1/predictions.jsonl: missing"):
+        assert report_main([str(tmp_path), "--out", str(tmp_path / "out"), "--reference", "parade",
+                            "--claims", str(tmp_path / "nowhere")]) == 2          # a --claims folder that is not there
+        assert report_main([str(tmp_path), "--out", str(tmp_path / "out"), "--reference", "parade",
+                            "--claims", str(tmp_path / "smollm2_135m")]) == 0     # a folder without benchmarks
+    claims = {(c["claim"], c["task"]): c for c in csv_rows(tmp_path / "out/median-claims.csv")}
+    sst2 = claims[("PARADE >= lora (Table 1)", "sst2")]
+    assert sst2["verdict"] == HOLDS and sst2["reason"].endswith("; lora does not beat the floor (50.0)")
+    rte = claims[("PARADE >= ia3 (Table 1)", "rte")]
+    assert rte["verdict"] == UNDECIDED and "resamples 3 seeds only" in rte["reason"] and rte["ours"].endswith("†")
+    intervals = (tmp_path / "out/median-intervals.md").read_text()
+    parade = next(line for line in intervals.splitlines() if line.startswith("| parade |"))
+    assert "nan" not in parade and parade.split(" | ")[1].endswith("(n=3)")     # rte: the NaN seed is left out
 
 
 def test_unknown_reference_is_an_error(tmp_path, capsys):

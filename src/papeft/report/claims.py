@@ -5,8 +5,11 @@ Score claims compare two methods on one task through their paired difference (pa
 * *holds*: the 95% interval of (claimed better - other) lies above 0;
 * *does not hold*: it lies below 0 (the other method is better);
 * *cannot be decided at this scale*: neither method's cell beats the task's floor (its interval's lower
-  end is not above the majority-class rate or the zero-shot score), or the interval spans 0.
-Speed claims read the committed benchmarks under results/bench/ (training step; decode tokens/s).
+  end is not above the majority-class rate or the zero-shot score), the interval spans 0, it resamples
+  seeds only on fewer than five (too coarse), or one of the two methods has no runs on the task.
+When only one of the two cells beats the floor, the reason says so.
+Speed claims read the committed benchmarks under results/bench/ (training step; decode tokens/s); a
+ratio within the measurements' spread (the larger of the two methods') cannot be decided.
 Written by `python -m papeft.report DIR --reference parade --claims results/bench` as NAME-claims.{md,csv}.
 """
 from __future__ import annotations
@@ -44,32 +47,45 @@ def _paper_difference(better: str, other: str, task: str) -> str:
         t = get_table(table)
         a, b = t.row(better), t.row(other_as)
         if a and b and task in a.scores and task in b.scores:
-            label = "" if other_as == other else f" (PARADE-1, last-token pooler, {t.source})"
+            label = f" ({'' if other_as == other else 'PARADE-1, last-token pooler; '}{t.source})"
             return f"{a.scores[task]:.1f} vs {b.scores[task]:.1f} ({a.scores[task] - b.scores[task]:+.1f}){label}"
     return "no number in our sources"
 
 
 def score_claim(groups: dict[tuple[str, str, str], Runs], backbone: str, task: str, better: str, other: str,
-                claim: str, floor: float | None) -> Claim | None:
+                claim: str, floor: float | None) -> Claim:
     a, b = groups.get((backbone, better, task)), groups.get((backbone, other, task))
-    if not a or not b:
-        return None
     paper = _paper_difference(better, other, task)
+    if not a or not b:
+        absent = " and ".join(m for m, runs in ((better, a), (other, b)) if not runs)
+        return Claim(claim, task, paper, "–", UNDECIDED, f"no finished run of {absent} on {task}")
     diff = paired_interval(a, b)
     if diff is None:
         return Claim(claim, task, paper, "fewer than two shared seeds", UNDECIDED, "not enough seeds")
-    ours = f"{diff.estimate:+.1f} [{diff.low:+.1f}, {diff.high:+.1f}] (n={diff.n_seeds})"
+    ours = f"{diff.estimate:+.1f} [{diff.low:+.1f}, {diff.high:+.1f}] (n={diff.n_seeds})" + "†" * (not diff.examples)
     cells = {m: cell_interval([r for r, _ in runs.values()], [p for _, p in runs.values()])
              for m, runs in ((better, a), (other, b))}
     above = {m: iv is not None and floor is not None and iv.low > floor for m, iv in cells.items()}
     if floor is not None and not any(above.values()):
         return Claim(claim, task, paper, ours, UNDECIDED,
                      f"neither {better} nor {other} beats the floor ({floor:.1f}): both at chance on this backbone")
+    if not diff.examples and diff.n_seeds < 5:
+        return Claim(claim, task, paper, ours, UNDECIDED,
+                     f"the interval resamples {diff.n_seeds} seeds only (no per-example scores): too coarse")
+    below = [m for m, ok in above.items() if not ok] if floor is not None else []
+    caveat = f"; {below[0]} does not beat the floor ({floor:.1f})" if below else ""
     if diff.low > 0:
-        return Claim(claim, task, paper, ours, HOLDS, f"{better} better, interval above 0")
+        return Claim(claim, task, paper, ours, HOLDS, f"{better} better, interval above 0{caveat}")
     if diff.high < 0:
-        return Claim(claim, task, paper, ours, FAILS, f"{other} better, interval below 0")
-    return Claim(claim, task, paper, ours, UNDECIDED, "the interval spans 0")
+        return Claim(claim, task, paper, ours, FAILS, f"{other} better, interval below 0{caveat}")
+    return Claim(claim, task, paper, ours, UNDECIDED, f"the interval spans 0{caveat}")
+
+
+def ratio_verdict(ratio: float, spread_pct: float, faster_is_below_1: bool) -> str:
+    """holds / does not hold when the ratio is further from 1 than the measurements' spread, else undecided."""
+    if abs(1.0 - ratio) * 100 <= spread_pct:
+        return UNDECIDED
+    return HOLDS if (ratio < 1.0) == faster_is_below_1 else FAILS
 
 
 def speed_claims(bench_dir: Path) -> list[Claim]:
@@ -78,22 +94,28 @@ def speed_claims(bench_dir: Path) -> list[Claim]:
     for path in sorted(bench_dir.glob("train-*.json")):
         rows = json.loads(path.read_text(encoding="utf-8"))["rows"]
         for row in rows:
-            if row["method"] == "parade" and row["path"] != "today":
+            lora = next((r for r in rows if r["method"] == "lora" and r["path"] == row["path"]), None)
+            if row["method"] == "parade" and row["path"] != "today" and lora is not None:
                 ratio = row["step_x_lora"]
+                spread = max(row["step_spread_pct"], lora["step_spread_pct"])
+                verdict = ratio_verdict(ratio, spread, faster_is_below_1=True)
                 out.append(Claim("PARADE's training step <= LoRA's", path.stem, "not measured in the papers",
-                                 f"{ratio:.3f}x LoRA's step ({row['path']}, median of {len(row['samples'])}, "
-                                 f"spread {row['step_spread_pct']:.0f}%)", HOLDS if ratio <= 1.0 else FAILS,
-                                 f"from {path.name}"))
+                                 f"{ratio:.3f}x LoRA's step ({row['path']}, median of {len(row['samples'])}; "
+                                 f"spread PARADE {row['step_spread_pct']:.0f}%, LoRA {lora['step_spread_pct']:.0f}%)",
+                                 verdict, f"from {path.name}" + ("; within the spread" if verdict == UNDECIDED else "")))
     for path in sorted(bench_dir.glob("multitenant-*.json")):
         rows = json.loads(path.read_text(encoding="utf-8"))["rows"]
         for beams in (1, 3):
             pick = {r["method"]: r for r in rows if r["beams"] == beams and r["batch"] == 1 and r["tenants"] == 1}
             if "parade" in pick and "lora_peft" in pick:
                 ratio = pick["parade"]["decode_tok_s"] / pick["lora_peft"]["decode_tok_s"]
+                spread = max(pick["parade"]["decode_spread_pct"], pick["lora_peft"]["decode_spread_pct"])
                 paper = SPEED_TABLE4["parade"][f"beam{beams}"] / SPEED_TABLE4["lora"][f"beam{beams}"]
+                verdict = ratio_verdict(ratio, spread, faster_is_below_1=False)
                 out.append(Claim("PARADE decodes faster than (unmerged) LoRA, Table 4", f"{path.stem}, beam {beams}",
-                                 f"{paper:.2f}x (LLaMA-2 7B, batch 1)", f"{ratio:.2f}x (batch 1, one tenant)",
-                                 HOLDS if ratio > 1.0 else FAILS, f"from {path.name}"))
+                                 f"{paper:.2f}x (LLaMA-2 7B, batch 1)",
+                                 f"{ratio:.2f}x (batch 1, one tenant; spread up to {spread:.0f}%)", verdict,
+                                 f"from {path.name}" + ("; within the spread" if verdict == UNDECIDED else "")))
     return out
 
 

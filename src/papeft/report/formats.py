@@ -3,7 +3,7 @@
 Layout of the paper's Table 1: one row per (backbone, method) with its tunable-parameter column,
 one column per task; each cell is the median over seeds, followed by the interquartile range in
 brackets when there are several seeds; best per column in bold, second underlined (Markdown:
-italics); `(n=k)` flags a cell with fewer complete seeds than expected, `failed` a cell whose every
+italics), among the cells with every seed that beat the floor rows; `(n=k)` flags a cell with fewer complete seeds than expected, `failed` a cell whose every
 run failed, `NaN` a cell whose every finished run reported a NaN score (listed below the table with
 why), `–` a cell never run. Paper rows (papeft.report.paper_numbers) come after ours, under a rule.
 """
@@ -61,12 +61,17 @@ def unscored_lines(rows: list[Row]) -> list[str]:
     return [line for r in rows for c in r.cells.values() for line in c.unscored]
 
 
-def _ranks(rows: list[Row], task: str, metric: str) -> dict[str, int]:
-    """Map each displayed value of a column to 1 (best) or 2 (second); needs >= 2 values."""
-    shown = [f"{r.cells[task].median:.1f}" for r in rows if task in r.cells and r.cells[task].n and not r.floor]
+def _ranks(rows: list[Row], task: str, metric: str, expected: int) -> dict[str, int]:
+    """Map each displayed value of a column to 1 (best) or 2 (second), among the cells with every
+    expected seed that beat the column's floor rows (a mark at chance would mislead); needs >= 2 values."""
+    higher = metric.lower() not in LOWER_IS_BETTER
+    floors = [r.cells[task].median for r in rows if r.floor and task in r.cells and r.cells[task].n]
+    floor = (max(floors) if higher else min(floors)) if floors else None
+    shown = [f"{c.median:.1f}" for r in rows if not r.floor and (c := r.cells.get(task)) and c.n >= max(expected, 1)
+             and (floor is None or (c.median > floor if higher else c.median < floor))]
     if len(shown) < 2:
         return {}
-    order = sorted(set(shown), key=float, reverse=metric.lower() not in LOWER_IS_BETTER)
+    order = sorted(set(shown), key=float, reverse=higher)
     return {v: i + 1 for i, v in enumerate(order[:2])}
 
 
@@ -76,7 +81,7 @@ def _cells(rows: list[Row], tasks: list[tuple[str, str]], mark: dict[int, Callab
     expected = expected_seeds(rows)
     out: list[list[str]] = [[] for _ in rows]
     for task, metric in tasks:
-        ranks = _ranks(rows, task, metric)
+        ranks = _ranks(rows, task, metric, expected)
         for cells, row in zip(out, rows):
             cell = row.cells.get(task)
             if cell is None:
@@ -103,7 +108,8 @@ def _paper_cells(paper: PaperTable, tasks: list[tuple[str, str]]) -> list[tuple[
 
 
 FOOTER = ("Median over seeds, [interquartile range] when there are several; best per column in bold, "
-          "second in italics; `(n=k)`: fewer complete seeds than expected; floor rows first (`majority class`: "
+          "second in italics, among the cells with every seed that beat the floor rows; `(n=k)`: fewer "
+          "complete seeds than expected; floor rows first (`majority class`: "
           "the training split's most frequent label for every test example; `zero_shot`: the frozen backbone "
           "with the task's prompts, deterministic, one run); `failed`: every run failed; "
           f"`{NAN}`: every finished run reported a NaN score (listed below); `{MISSING}`: not run.")
@@ -175,9 +181,9 @@ def tex_escape(text: str) -> str:
 
 
 def to_latex(rows: list[Row], notes: Sequence[str] = (), paper: PaperTable | None = None,
-             iqr: bool = True) -> str:
+             iqr: bool = True, failures: Sequence[dict] = ()) -> str:
     """booktabs `tabular`: best per column bold, second underlined, IQR in small type; paper rows
-    under a `\\midrule`; notes below."""
+    under a `\\midrule`; notes and failed runs (with their errors) below."""
     tasks = tasks_of(rows, paper)
     head = ["Backbone", "Method", "Params"] + [tex_escape(f"{t} ({m})" if m else t) for t, m in tasks]
     lines = [r"\begin{tabular}{ll" + "r" * (len(tasks) + 1) + "}", r"\toprule",
@@ -194,7 +200,8 @@ def to_latex(rows: list[Row], notes: Sequence[str] = (), paper: PaperTable | Non
                                      tex_escape(params)] + cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     legend = "Median over seeds" + (", [interquartile range]" if iqr else "") + \
-             "; best per column in bold, second underlined; (n=k): fewer complete seeds than expected; " \
+             "; best per column in bold, second underlined, among the cells with every seed that beat the " \
+             "floor rows; (n=k): fewer complete seeds than expected; " \
              "floor rows first (majority class: the training split's most frequent label; zero_shot: the " \
              "frozen backbone, one run); " \
              "NaN: every finished run reported a NaN score."
@@ -203,4 +210,5 @@ def to_latex(rows: list[Row], notes: Sequence[str] = (), paper: PaperTable | Non
     if paper:
         lines.append(rf"\par\footnotesize {tex_escape('Rows marked (paper): ' + paper.source + '.')}")
     lines += [rf"\par\footnotesize {tex_escape(n)}" for n in notes]
+    lines += [rf"\par\footnotesize {tex_escape('Failed: ' + failure_line(f))}" for f in failures]
     return "\n".join(lines) + "\n"

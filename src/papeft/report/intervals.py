@@ -45,19 +45,21 @@ class Interval:
 
 def example_scores(record: dict) -> dict[str, float] | None:
     """uid -> per-example score of a finished run, read from the predictions.jsonl beside its
-    metrics.json and scored by its task; None when the task's score is not a mean over examples,
-    the file is missing, or the mean disagrees with the recorded score (warned)."""
+    metrics.json and scored by its task; None when the task's score is not a mean over examples, or
+    (warned) when the file is missing or unreadable or its mean disagrees with the recorded score."""
     from papeft.tasks import get_task
     from papeft.tasks.base import Example
-    source = record.get("_source")
-    path = Path(source).with_name("predictions.jsonl") if source else None
-    if path is None or not path.is_file():
-        return None
     try:
         task = get_task(record["task"])
     except KeyError:
         return None
     if not getattr(task, "label_words", None):            # free-text metrics: not per example here
+        return None
+    source = record.get("_source")
+    path = Path(source).with_name("predictions.jsonl") if source else None
+    if path is None or not path.is_file():
+        if source:
+            warnings.warn(f"{path}: missing; its cell's interval resamples seeds only", stacklevel=2)
         return None
     scores: dict[str, float] = {}
     try:

@@ -26,9 +26,12 @@ Runs = dict[int, tuple[dict, dict | None]]          # seed -> (metrics record, u
 
 
 def group_runs(records: Iterable[dict]) -> dict[tuple[str, str, str], Runs]:
-    """(backbone, method, task) -> its seeds' records and per-example scores (deduped records in)."""
+    """(backbone, method, task) -> its seeds' records and per-example scores (deduped records in; a run
+    whose score is NaN has no place in an interval and is left out)."""
     groups: dict[tuple[str, str, str], Runs] = {}
     for rec in records:
+        if math.isnan(rec["score"]):                  # no score: the median table lists it with why
+            continue
         key = (str(rec["backbone"]), str(rec["method"]), str(rec["task"]))
         groups.setdefault(key, {})[int(rec["seed"])] = (rec, example_scores(rec))
     return groups
@@ -36,12 +39,13 @@ def group_runs(records: Iterable[dict]) -> dict[tuple[str, str, str], Runs]:
 
 def majority_scores(records: Iterable[dict]) -> dict[tuple[str, str], tuple[str, float]]:
     """(backbone, task) -> (metric, score) of answering the training split's most frequent label
-    (`majority_class` of the task's runs; the newest run's when they differ, which a changed split would cause)."""
-    found: dict[tuple[str, str], tuple[float, str, float]] = {}
+    (`majority_class` of the task's runs; when they differ, which a changed split would cause, the one of
+    the last run by file path, as papeft.report.tables keeps duplicates)."""
+    found: dict[tuple[str, str], tuple[str, str, float]] = {}
     for rec in records:
         floor = rec.get("majority_class")
         if isinstance(floor, dict) and isinstance(floor.get("score"), (int, float)):
-            key, rank = (str(rec["backbone"]), str(rec["task"])), rec.get("_mtime", 0.0)
+            key, rank = (str(rec["backbone"]), str(rec["task"])), str(rec.get("_source", ""))
             if key not in found or rank > found[key][0]:
                 found[key] = (rank, str(rec["metric"]), float(floor["score"]))
     return {key: (metric, score) for key, (_, metric, score) in found.items()}
@@ -160,7 +164,8 @@ def interval_tables(groups: dict[tuple[str, str, str], Runs], order: Sequence[st
                 body.append([f"{method}" if len(backbones) == 1 else f"{backbone} / {method}"] + cells)
                 rows.append(flat)
     legend = ("Median over seeds [95% bootstrap interval] (n = seeds): seeds and test examples resampled together "
-              "(2,000 replicates); † seeds only (the task's score is not a mean over examples); – fewer than two seeds.")
+              "(2,000 replicates); † seeds only (the task's score is not a mean over examples, or a seed's predictions are "
+              "missing or unreadable: a warning names the file); – fewer than two seeds.")
     head = ["method"] + tasks
     csv_head = ["backbone", "method"] + [f"{t}_{s}" for t in tasks for s in ("median", "low", "high", "n", "examples")]
     return _render("Per-cell 95% intervals", legend, head, body, csv_head, rows, notes)
@@ -188,6 +193,8 @@ def paired_tables(groups: dict[tuple[str, str, str], Runs], reference: str, orde
     legend = (f"{reference} minus each method, paired by seed and test example: median over the shared seeds of "
               f"the per-seed difference [95% bootstrap interval] (n = shared seeds); an interval above 0 favours "
               f"{reference}, below 0 the other method; † seeds only; – fewer than two shared seeds.")
+    if not body:
+        legend = f"No method shares two finished seeds with {reference} on any task yet. " + legend
     head = ["difference"] + tasks
     csv_head = ["backbone", "method"] + [f"{t}_{s}" for t in tasks for s in ("diff", "low", "high", "n", "examples")]
     return _render(f"Paired differences against {reference}", legend, head, body, csv_head, rows, notes)

@@ -110,7 +110,7 @@ def _usable(rec: dict, source: str) -> bool:
 def collect(root: str | Path) -> list[dict]:
     """Load every complete, well-formed ``metrics.json`` under ``root`` (recursively).
 
-    Each returned record gains ``_source`` (the file path) and ``_mtime`` keys.
+    Each returned record gains a ``_source`` key (the file path).
     """
     root = Path(root)
     files = [root] if root.is_file() else sorted(root.rglob("metrics.json"))
@@ -122,7 +122,7 @@ def collect(root: str | Path) -> list[dict]:
             warnings.warn(f"skipping {path}: cannot parse ({exc})", stacklevel=2)
             continue
         if _usable(rec, str(path)):
-            records.append({**rec, "_source": str(path), "_mtime": path.stat().st_mtime})
+            records.append({**rec, "_source": str(path)})
     return records
 
 
@@ -147,17 +147,21 @@ def _key(rec: dict) -> tuple:
 
 
 def _dedupe(records: list[dict]) -> list[dict]:
-    """Keep one record per (backbone, method, task, seed): the newest file by mtime."""
-    best: dict[tuple, tuple[tuple[float, int], dict]] = {}
+    """Keep one record per (backbone, method, task, seed): the last by file path, so that a table
+    regenerates the same from any checkout (file times are not kept by git); each duplicate is warned,
+    with both config hashes when they differ (two protocols mixed in one folder)."""
+    best: dict[tuple, tuple[tuple[str, int], dict]] = {}
     for i, rec in enumerate(records):
         key = _key(rec)
-        rank = (rec.get("_mtime", -math.inf), i)
+        rank = (str(rec.get("_source", "")), i)
         if key in best:
             old = best[key][1]
             keep = rec if rank > best[key][0] else old
             drop = old if keep is rec else rec
+            hashes = {str(r.get("config_hash")) for r in (keep, drop)}
+            differ = f" (different configs: {', '.join(sorted(hashes))})" if len(hashes) > 1 else ""
             warnings.warn(f"duplicate run {key}: keeping {keep.get('_source', '<dict>')}, "
-                          f"ignoring {drop.get('_source', '<dict>')}", stacklevel=3)
+                          f"ignoring {drop.get('_source', '<dict>')}{differ}", stacklevel=3)
             if keep is old:
                 continue
         best[key] = (rank, rec)
@@ -166,7 +170,7 @@ def _dedupe(records: list[dict]) -> list[dict]:
 
 def usable_records(records: Iterable[dict]) -> list[dict]:
     """The complete, well-formed records (a warning names each other one), one per (backbone, method,
-    task, seed): the newest."""
+    task, seed): the last by file path."""
     return _dedupe([r for r in records
                     if _usable(r, str(r.get("_source", "<dict>")) if isinstance(r, dict) else "<record>")])
 
@@ -282,7 +286,7 @@ def write_tables(run_dirs_or_metrics: Sequence[Path | str | dict], out_stem: Pat
         notes.append(f"Regenerate: {command}")
     stem = Path(out_stem)
     texts = {"md": to_markdown(rows, notes, table, failures, iqr), "csv": to_csv(rows, table),
-             "tex": to_latex(rows, notes, table, iqr)}
+             "tex": to_latex(rows, notes, table, iqr, failures)}
     paths = {}
     for ext, text in texts.items():
         paths[ext] = stem.with_name(f"{stem.name}.{ext}")
@@ -352,6 +356,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(raw)
     if not args.dir.is_dir():
         print(f"error: {args.dir} is not a directory", file=sys.stderr)
+        return 2
+    if args.claims is not None and not args.claims.is_dir():
+        print(f"error: --claims {args.claims}: not a directory (the committed benchmarks, e.g. results/bench)",
+              file=sys.stderr)
         return 2
     if not any(args.dir.rglob("metrics.json")) and not any(args.dir.rglob("failed.json")):
         print(f"error: no metrics.json found under {args.dir}", file=sys.stderr)
