@@ -132,3 +132,35 @@ def test_sweep_expansion_order_and_overrides():
     assert sweep.cells[0] == ["backbone=gpt2_large", "method=lora", "task=boolq", "seed=0", "experiment=paper_table7"]
     assert sweep.common == ["method=lora", "experiment=paper_table7"]
     assert sweep.varying[-1] == ["backbone=pythia_1_4b", "task=squad", "seed=1"]
+
+
+def test_progress_tells_finished_failed_started_and_pending_cells_and_the_time_to_go(tmp_path, capsys):
+    from hydra import compose, initialize_config_dir
+
+    from papeft.paths import config_dir
+    from papeft.runner.cells import resolved_config, run_dir_for
+    from papeft.runner.progress import array_spec, main as progress_main
+    from papeft.train.checkpoint import config_hash
+    overrides = ["experiment=cpu_table1", f"output_root={tmp_path}", "seed=0,1", "task=sst2", "method=lora,parade"]
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=cpu_table1", f"output_root={tmp_path}", "seed=0",
+                                           "task=sst2", "method=lora"])
+    done = run_dir_for(cfg, 0)
+    done.mkdir(parents=True)
+    (done / "metrics.json").write_text(json.dumps({"status": "complete", "cell_time_s": 100.0,
+                                                    "config_hash": config_hash(resolved_config(cfg, 0))}))
+    (tmp_path / "smollm2_135m/parade/sst2/seed0").mkdir(parents=True)
+    (tmp_path / "smollm2_135m/parade/sst2/seed0/failed.json").write_text("{}")
+    (tmp_path / "smollm2_135m/parade/sst2/seed1").mkdir(parents=True)
+    (tmp_path / "smollm2_135m/parade/sst2/seed1/config.yaml").write_text("seed: 1\n")
+    stale = tmp_path / "smollm2_135m/lora/sst2/seed1"                    # finished under another config: rerun
+    stale.mkdir(parents=True)
+    (stale / "metrics.json").write_text(json.dumps({"status": "complete", "config_hash": "0" * 16}))
+    assert progress_main([*overrides, "--list"]) == 0
+    out = capsys.readouterr().out
+    states = [line.split()[:2] for line in out.splitlines() if re.match(r"\s+\d+  ", line)]
+    assert states == [["0", "finished"], ["1", "failed"], ["2", "stale"], ["3", "started"]]
+    assert "4 cells: 1 finished, 1 failed, 1 stale, 1 started, 0 pending" in out
+    assert "to go: about 0.1 h" in out                                    # 2 cells left x 100 s
+    assert "unfinished array indices: 1-3" in out and "failed: parade / sst2 / seed 0" in out
+    assert array_spec([7, 0, 1, 2, 5, 8]) == "0-2,5,7-8"
