@@ -304,3 +304,16 @@ def test_a_malformed_field_skips_that_file_naming_it_and_the_report_goes_on(tmp_
     md = paths["md"].read_text()
     assert "| good |" in md and "65.0" in md and "broken" not in md
     assert run_cli(tmp_path).returncode == 0
+
+
+def test_runs_of_one_process_record_the_commit_it_started_on(monkeypatch):
+    """A sweep runs for hours while commits land: its cells keep the commit of the code it loaded."""
+    from papeft.report import provenance
+    provenance.process_git_state.cache_clear()
+    states = iter([{"commit": "a" * 40, "dirty": False}, {"commit": "b" * 40, "dirty": True}])
+    monkeypatch.setattr(provenance, "git_state", lambda: next(states))
+    try:
+        assert provenance.environment()["git"] == provenance.environment()["git"] == {"commit": "a" * 40,
+                                                                                     "dirty": False}
+    finally:
+        provenance.process_git_state.cache_clear()

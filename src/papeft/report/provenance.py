@@ -70,10 +70,17 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@lru_cache(maxsize=1)
+def process_git_state() -> tuple[tuple[str, Any], ...]:
+    """The checkout's git state at this process's first read (the start of its first run): a sweep
+    runs for hours and the code it runs is what it imported then, whatever is committed meanwhile."""
+    return tuple(git_state().items())
+
+
 def environment(device="cpu") -> dict[str, Any]:
     """The block every metrics.json records."""
     return {"packages": package_versions(), "python": platform.python_version(),
-            "platform": platform.platform(), "device": device_name(device), "git": git_state()}
+            "platform": platform.platform(), "device": device_name(device), "git": dict(process_git_state())}
 
 
 def short_commit(env: dict | None) -> str | None:

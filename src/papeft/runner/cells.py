@@ -45,7 +45,7 @@ from papeft.train.distributed import Parallel
 from papeft.io import remove_stale_temps, write_json, write_jsonl, write_text
 from papeft.tasks.prompting import PromptFormatter
 from papeft.report.plots import plot_rational_activations
-from papeft.report.provenance import environment
+from papeft.report.provenance import environment, process_git_state
 from papeft.report.rows import ZERO_SHOT
 from papeft.report.tables import read_json, write_tables
 from papeft.tasks import get_task
@@ -337,6 +337,7 @@ def run(cfg: DictConfig) -> list[dict]:
     A failing seed does not stop the others; in a single (non-multirun) run the failure is
     re-raised at the end, so the exit status says so.
     """
+    process_git_state()                         # pinned now: commits made while the sweep runs are not its code
     seeds = parse_seeds(cfg.seed)
     multirun = in_multirun()
     results = {s: run_single(cfg, s, raise_on_failure=len(seeds) == 1 and not multirun) for s in seeds}
