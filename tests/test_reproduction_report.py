@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 import shlex
 from pathlib import Path
@@ -103,6 +104,11 @@ def test_no_best_or_second_mark_at_or_under_the_floor(tmp_path):
     rows = {line.split(" | ")[1]: line for line in md.splitlines() if line.startswith("| smollm2")}
     assert "**" not in rows["lora"] + rows["parade"] and "_" not in rows["lora"].replace("smollm2_135m", "")
     assert "| 61.0 [1.0] |" in rows["ia3"]                  # the one cell above 59.0: nothing to rank it against
+    sweep(tmp_path, {"bitfit": [70, 70, 70], "houlsby": [65, 65, 65]}, task="rte", majority=59.0)
+    write_run(tmp_path, "adalora", 0, 70, task="rte", majority=59.0)           # ties the best, one seed short
+    md = write_tables([tmp_path], tmp_path / "median")["md"].read_text()
+    rows = {line.split(" | ")[1]: line for line in md.splitlines() if line.startswith("| smollm2")}
+    assert "**70.0**" in rows["bitfit"] and "_65.0_" in rows["houlsby"] and "| 70.0 (n=1) |" in rows["adalora"]
 
 
 def test_report_cli_writes_intervals_paired_and_claims_with_verdicts(tmp_path):
@@ -144,19 +150,21 @@ def test_claims_say_when_a_cell_is_under_the_floor_and_never_decide_on_a_coarse_
     sweep(tmp_path, {"parade": [80, 82, 81], "ia3": [60, 61, 62]}, task="rte", majority=50.0)
     (tmp_path / "smollm2_135m/ia3/rte/seed1/predictions.jsonl").unlink()
     write_run(tmp_path, "parade", 3, 50, task="rte", extra={"score": float("nan")})    # a seed without a score
+    write_run(tmp_path, "zero_shot", 0, 40, task="copa")                   # a task nothing was tuned on: no claims
     with pytest.warns(UserWarning, match=r"ia3/rte/seed1/predictions.jsonl: missing"):
         assert report_main([str(tmp_path), "--out", str(tmp_path / "out"), "--reference", "parade",
                             "--claims", str(tmp_path / "nowhere")]) == 2          # a --claims folder that is not there
         assert report_main([str(tmp_path), "--out", str(tmp_path / "out"), "--reference", "parade",
                             "--claims", str(tmp_path / "smollm2_135m")]) == 0     # a folder without benchmarks
     claims = {(c["claim"], c["task"]): c for c in csv_rows(tmp_path / "out/median-claims.csv")}
+    assert {task for _, task in claims} == {"sst2", "rte"}
     sst2 = claims[("PARADE >= lora (Table 1)", "sst2")]
     assert sst2["verdict"] == HOLDS and sst2["reason"].endswith("; lora does not beat the floor (50.0)")
     rte = claims[("PARADE >= ia3 (Table 1)", "rte")]
     assert rte["verdict"] == UNDECIDED and "resamples 3 seeds only" in rte["reason"] and rte["ours"].endswith("†")
     intervals = (tmp_path / "out/median-intervals.md").read_text()
     parade = next(line for line in intervals.splitlines() if line.startswith("| parade |"))
-    assert "nan" not in parade and parade.split(" | ")[1].endswith("(n=3)")     # rte: the NaN seed is left out
+    assert "nan" not in parade and parade.split(" | ")[2].endswith("(n=3)")     # rte (after copa): NaN seed left out
 
 
 def test_unknown_reference_is_an_error(tmp_path, capsys):
@@ -174,22 +182,53 @@ REPO = Path(__file__).resolve().parents[1]
 COMMITTED = sorted(p for p in (REPO / "results").glob("*/median.md") if "Regenerate: " in p.read_text())
 
 
-@pytest.mark.parametrize("table", COMMITTED, ids=[p.parent.name for p in COMMITTED])
-def test_committed_tables_regenerate_byte_identical_from_their_runs(table, tmp_path, monkeypatch):
-    """The command in a committed table's notes, rerun into a scratch folder, gives the same bytes."""
-    monkeypatch.chdir(REPO)
+def no_plots(text: str) -> str:
+    return text.replace(" --plots", "").replace(" -{}-plots", "")        # the flag as Markdown and as LaTeX shows it
+
+
+def regenerated_differences(table: Path, root: Path, scratch: Path) -> list[str]:
+    """Rerun the command in `table`'s notes from `root` into `scratch`; the names of the table files
+    (md, csv, tex) whose bytes differ from those beside `table`, once the output folder is swapped back."""
     line = next(n for n in table.read_text().splitlines() if n.startswith("- Regenerate: "))
     argv = shlex.split(line.removeprefix("- Regenerate: "))[3:]            # after `python -m papeft.report`
     out_at = argv.index("--out") + 1
-    committed_out, argv[out_at] = argv[out_at], str(tmp_path)
+    committed_out, argv[out_at] = argv[out_at], str(scratch)
     argv = [a for a in argv if a != "--plots"]                           # figures: pixels, not bytes
-    assert report_main(argv) == 0
-    written = sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".md", ".csv", ".tex"))
-    assert "median.md" in written
-    for name in written:
-        again = (tmp_path / name).read_text().replace(str(tmp_path), committed_out)
-        again = again.replace(str(tmp_path).replace("_", r"\_"), committed_out.replace("_", r"\_")).replace(" --plots", "")
-        assert again == (REPO / committed_out / name).read_text().replace(" --plots", ""), name
+    cwd = Path.cwd()
+    os.chdir(root)
+    try:
+        assert report_main(argv) == 0
+    finally:
+        os.chdir(cwd)
+    differ = []
+    for path in sorted(p for p in scratch.iterdir() if p.suffix in (".md", ".csv", ".tex")):
+        again = path.read_text().replace(str(scratch), committed_out)
+        again = again.replace(str(scratch).replace("_", r"\_"), committed_out.replace("_", r"\_"))
+        committed = (table.parent / path.name).read_text()
+        if no_plots(again) != no_plots(committed):
+            differ.append(path.name)
+    return differ
+
+
+def test_a_table_regenerates_byte_identical_from_the_command_in_its_notes(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    sweep(project / "runs", {"parade": [80, 82, 81], "lora": [70, 71, 72], "zero_shot": [40]})
+    monkeypatch.chdir(project)
+    assert report_main(["runs", "--out", "tables", "--paper", "table1", "--reference", "parade",
+                        "--claims", "runs", "--plots"]) == 0
+    table = project / "tables/median.md"
+    assert "- Regenerate: python -m papeft.report runs --out tables --paper table1 --reference parade " \
+           "--claims runs --plots" in table.read_text()                    # relative paths: any checkout
+    assert regenerated_differences(table, project, tmp_path / "again") == []
+    with (project / "tables/median-paired.md").open("a") as f:
+        f.write("edited by hand\n")
+    assert regenerated_differences(table, project, tmp_path / "again2") == ["median-paired.md"]
+
+
+@pytest.mark.parametrize("table", COMMITTED, ids=[p.parent.name for p in COMMITTED])
+def test_committed_tables_regenerate_byte_identical_from_their_runs(table, tmp_path):
+    """The command in a committed table's notes, rerun into a scratch folder, gives the same bytes."""
+    assert regenerated_differences(table, REPO, tmp_path) == []
 
 
 def test_selection_picks_the_lowest_dev_loss_never_the_test_score(tmp_path, capsys):
@@ -237,17 +276,27 @@ def test_selection_lists_a_failed_rate_with_its_reason_and_counts_it_as_tried(tm
         "backbone": "smollm2_135m", "method": "para", "task": "sst2", "seed": 0, "status": "failed",
         "error": "non-finite gradient norm (inf) at step 19: training stopped; lower trainer.lr",
         "error_type": "NonFiniteLossError", "traceback": "..."}))
+    pedro = tmp_path / "lr0.001" / "smollm2_135m/pedro/sst2/seed0"                # its only rate failed
+    pedro.mkdir(parents=True)
+    (pedro / "config.yaml").write_text(OmegaConf.to_yaml({"trainer": {"lr": 1e-3}}))
+    (pedro / "failed.json").write_text(json.dumps({
+        "backbone": "smollm2_135m", "method": "pedro", "task": "sst2", "seed": 0, "status": "failed",
+        "error": "NaN | loss\nat step 7: stopped", "error_type": "NonFiniteLossError", "traceback": "..."}))
     assert selection_main([str(tmp_path), "--out", str(tmp_path)]) == 0
     md = (tmp_path / "selection.md").read_text()
     assert "| para | sst2 | 0.01 | failed: non-finite gradient norm (inf) at step 19 |" in md
     assert "grid's edge" not in md                                       # 1e-2 was tried: 3e-3 is interior
-    rows = [r.split(",") for r in (tmp_path / "selection.csv").read_text().splitlines()[1:]]
-    assert [(r[3], r[7]) for r in rows] == [("0.001", ""), ("0.003", "yes"), ("0.01", "failed: non-finite gradient norm (inf) at step 19")]
+    rows = csv_rows(tmp_path / "selection.csv")
+    assert [(r["lr"], r["chosen"], r["failed"]) for r in rows if r["method"] == "para"] == [
+        ("0.001", "", ""), ("0.003", "yes", ""), ("0.01", "", "non-finite gradient norm (inf) at step 19")]
+    assert "| pedro | sst2 | 0.001 | failed: NaN | loss at step 7 |" not in md          # a pipe would split the cell
+    assert "| pedro | sst2 | 0.001 | failed: NaN / loss at step 7 |" in md
+    assert "- pedro on sst2 (smollm2_135m): no rate reached a finite dev loss; nothing chosen" in md
 
 
 def test_selection_without_runs_says_so(tmp_path, capsys):
     assert selection_main([str(tmp_path)]) == 1
-    assert "no finished run" in capsys.readouterr().err
+    assert "no finished or failed run" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bad", ["not json", json.dumps({"uid": "x", "prediction": "positive", "answers": ["negative"]})])

@@ -161,6 +161,10 @@ def test_progress_tells_finished_failed_started_and_pending_cells_and_the_time_t
     states = [line.split()[:2] for line in out.splitlines() if re.match(r"\s+\d+  ", line)]
     assert states == [["0", "finished"], ["1", "failed"], ["2", "stale"], ["3", "started"]]
     assert "4 cells: 1 finished, 1 failed, 1 stale, 1 started, 0 pending" in out
-    assert "to go: about 0.1 h" in out                                    # 2 cells left x 100 s
+    assert "to go: about 0.1 h" in out                                    # 3 cells left (failed too) x 100 s
+    from papeft.runner.progress import seconds_to_go, cell_states
+    assert seconds_to_go(cell_states(overrides)) == 300.0
+    assert [s.label for s in cell_states([*overrides[:2], "seed='0..1'", "task=sst2", "method=lora"])] == [
+        "lora / sst2 / seed 0", "lora / sst2 / seed 1"]                   # a quoted seed range, as Hydra reads it
     assert "unfinished array indices: 1-3" in out and "failed: parade / sst2 / seed 0" in out
     assert array_spec([7, 0, 1, 2, 5, 8]) == "0-2,5,7-8"

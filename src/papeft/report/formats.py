@@ -61,18 +61,18 @@ def unscored_lines(rows: list[Row]) -> list[str]:
     return [line for r in rows for c in r.cells.values() for line in c.unscored]
 
 
-def _ranks(rows: list[Row], task: str, metric: str, expected: int) -> dict[str, int]:
-    """Map each displayed value of a column to 1 (best) or 2 (second), among the cells with every
-    expected seed that beat the column's floor rows (a mark at chance would mislead); needs >= 2 values."""
+def _ranks(rows: list[Row], task: str, metric: str, expected: int) -> dict[int, int]:
+    """Row index -> 1 (best) or 2 (second) by displayed value (ties share a mark), among the cells with
+    every expected seed that beat the column's floor rows (a mark at chance would mislead); needs >= 2."""
     higher = metric.lower() not in LOWER_IS_BETTER
     floors = [r.cells[task].median for r in rows if r.floor and task in r.cells and r.cells[task].n]
     floor = (max(floors) if higher else min(floors)) if floors else None
-    shown = [f"{c.median:.1f}" for r in rows if not r.floor and (c := r.cells.get(task)) and c.n >= max(expected, 1)
-             and (floor is None or (c.median > floor if higher else c.median < floor))]
+    shown = {i: f"{c.median:.1f}" for i, r in enumerate(rows) if not r.floor and (c := r.cells.get(task))
+             and c.n >= max(expected, 1) and (floor is None or (c.median > floor if higher else c.median < floor))}
     if len(shown) < 2:
         return {}
-    order = sorted(set(shown), key=float, reverse=higher)
-    return {v: i + 1 for i, v in enumerate(order[:2])}
+    order = sorted(set(shown.values()), key=float, reverse=higher)[:2]
+    return {i: order.index(v) + 1 for i, v in shown.items() if v in order}
 
 
 def _cells(rows: list[Row], tasks: list[tuple[str, str]], mark: dict[int, Callable[[str], str]],
@@ -82,7 +82,7 @@ def _cells(rows: list[Row], tasks: list[tuple[str, str]], mark: dict[int, Callab
     out: list[list[str]] = [[] for _ in rows]
     for task, metric in tasks:
         ranks = _ranks(rows, task, metric, expected)
-        for cells, row in zip(out, rows):
+        for i, (cells, row) in enumerate(zip(out, rows)):
             cell = row.cells.get(task)
             if cell is None:
                 cells.append(MISSING)
@@ -92,7 +92,7 @@ def _cells(rows: list[Row], tasks: list[tuple[str, str]], mark: dict[int, Callab
                 cells.append(NAN + (f" ({flags[0]})" if cell.failed else "") if cell.unscored else failed)
                 continue
             text = f"{cell.median:.1f}"
-            text = text if row.floor else mark.get(ranks.get(text), str)(text)
+            text = mark.get(ranks.get(i), str)(text)
             if iqr is not None and cell.n > 1:
                 text += iqr(f"{cell.iqr:.1f}")
             if cell.n < expected and not row.floor:

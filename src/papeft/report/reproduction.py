@@ -56,7 +56,7 @@ def floors(records: Sequence[dict]) -> dict[tuple[str, str], float]:
     out = {key: score for key, (_, score) in majority_scores(records).items()}
     zero: dict[tuple[str, str], list[float]] = {}
     for rec in records:
-        if rec["method"] == ZERO_SHOT:
+        if rec["method"] == ZERO_SHOT and not math.isnan(rec["score"]):
             zero.setdefault((str(rec["backbone"]), str(rec["task"])), []).append(float(rec["score"]))
     for key, scores in zero.items():
         out[key] = max(out.get(key, -math.inf), statistics.median(scores))

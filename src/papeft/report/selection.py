@@ -63,19 +63,18 @@ def is_floor(by_lr: dict[float, dict]) -> bool:
     return all(r["steps"] == 0 for r in by_lr.values())
 
 
-def chosen(by_lr: dict[float, dict]) -> float:
-    """The learning rate with the lowest best dev loss (ties: the smaller rate); NaN losses never win."""
+def choice(by_lr: dict[float, dict]) -> float | None:
+    """The learning rate with the lowest best dev loss (ties: the smaller rate); NaN losses never win;
+    None when no rate reached a finite dev loss."""
     finite = {lr: r["best_dev_loss"] for lr, r in by_lr.items() if math.isfinite(r["best_dev_loss"])}
-    if not finite:
-        raise ValueError("no learning rate reached a finite dev loss")
-    return min(finite, key=lambda lr: (finite[lr], lr))
+    return min(finite, key=lambda lr: (finite[lr], lr)) if finite else None
 
 
 def edge_note(by_lr: dict[float, dict], failed: Sequence[float] = ()) -> str:
     """'' unless the chosen rate is the lowest or highest of two or more tried (finished or `failed`):
     then which rate to try next."""
-    rates, pick = sorted({*by_lr, *failed}), chosen(by_lr)
-    if len(rates) < 2 or rates[0] < pick < rates[-1]:
+    rates, pick = sorted({*by_lr, *failed}), choice(by_lr)
+    if pick is None or len(rates) < 2 or rates[0] < pick < rates[-1]:
         return ""
     nxt = pick * rates[-1] / rates[-2] if pick == rates[-1] else pick * rates[0] / rates[1]
     decade = 10.0 ** math.floor(math.log10(nxt))                   # snapped to the 1-3-10 grid of rates
@@ -97,29 +96,36 @@ def selection_table(runs: dict[tuple[str, str, str], dict[float, dict]],
     edges = []
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["backbone", "method", "task", "lr", "best_dev_loss", "best_step", "steps", "chosen", "test_score"])
-    for (backbone, method, task), by_lr in sorted(runs.items()):
-        if is_floor(by_lr):
+    writer.writerow(["backbone", "method", "task", "lr", "best_dev_loss", "best_step", "steps", "chosen", "test_score",
+                     "failed"])
+    nothing = []
+    for key in sorted({*runs, *failures}):
+        (backbone, method, task), by_lr, failed = key, runs.get(key, {}), failures.get(key, {})
+        if by_lr and is_floor(by_lr):
             continue
-        pick, failed = chosen(by_lr), failures.get((backbone, method, task), {})
-        if note := edge_note(by_lr, [lr for lr in failed if lr not in by_lr]):
+        pick = choice(by_lr)
+        if pick is None:
+            nothing.append(f"- {method} on {task} ({backbone}): no rate reached a finite dev loss; nothing chosen")
+        elif note := edge_note(by_lr, [lr for lr in failed if lr not in by_lr]):
             edges.append(f"- {method} on {task} ({backbone}): {pick:g} {note}")
         for lr, rec in sorted({**failed, **by_lr}.items()):
             if lr not in by_lr:
-                reason = first_sentence(str(rec["error"]))
+                reason = " ".join(first_sentence(str(rec["error"])).split()).replace("|", "/")   # one table cell
                 md.append(f"| {backbone} | {method} | {task} | {lr:g} | failed: {reason} | – | – |  | – |")
-                writer.writerow([backbone, method, task, f"{lr:g}", "", "", "", f"failed: {reason}", ""])
+                writer.writerow([backbone, method, task, f"{lr:g}", "", "", "", "", "", reason])
                 continue
             mark = "yes" if lr == pick else ""
             md.append(f"| {backbone} | {method} | {task} | {lr:g} | {rec['best_dev_loss']:.4f} | {rec['best_step']} | "
                       f"{rec['steps']} | {'**yes**' if mark else ''} | {rec['score']:.1f} |")
             writer.writerow([backbone, method, task, f"{lr:g}", round(rec["best_dev_loss"], 6), rec["best_step"],
-                             rec["steps"], mark, round(rec["score"], 4)])
+                             rec["steps"], mark, round(rec["score"], 4), ""])
     legend = ("Chosen: the learning rate with the lowest dev loss (label tokens' cross-entropy on the dev split), "
               "seed 0. Test scores are listed for the record only; no choice read them. A failed run stopped before "
               "its test (its failed.json holds the traceback): it counts as tried and is never chosen.")
     if edges:
         legend += "\n\nChosen at the edge of the rates tried:\n\n" + "\n".join(edges)
+    if nothing:
+        legend += "\n\nNo choice:\n\n" + "\n".join(nothing)
     return "\n".join(md + ["", legend]) + "\n", buf.getvalue()
 
 
@@ -127,8 +133,8 @@ def chosen_rates(runs: dict[tuple[str, str, str], dict[float, dict]]) -> dict[st
     """task -> method -> chosen rate (the protocol's `lrs` when one task chooses for all)."""
     out: dict[str, dict[str, float]] = {}
     for (_, method, task), by_lr in sorted(runs.items()):
-        if not is_floor(by_lr):
-            out.setdefault(task, {})[method] = chosen(by_lr)
+        if not is_floor(by_lr) and (pick := choice(by_lr)) is not None:
+            out.setdefault(task, {})[method] = pick
     return out
 
 
@@ -137,9 +143,9 @@ def adopt(runs: dict[tuple[str, str, str], dict[float, dict]], into: Path) -> li
     a cell with a metrics.json there is kept. One line per cell saying what happened."""
     lines = []
     for (backbone, method, task), by_lr in sorted(runs.items()):
-        if is_floor(by_lr):
+        if is_floor(by_lr) or (pick := choice(by_lr)) is None:
             continue
-        rec = by_lr[chosen(by_lr)]
+        rec = by_lr[pick]
         source, target = Path(rec["_source"]).parent, into / backbone / method / task / f"seed{rec['seed']}"
         if (target / "metrics.json").exists():
             lines.append(f"kept {target} (finished there already)")
@@ -189,14 +195,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="copy each chosen run into this sweep's runs folder as its cell (e.g. results/cpu_table1/runs)")
     args = ap.parse_args(argv)
     runs = selection_runs(args.dir) if args.dir.is_dir() else {}
-    if not runs:
-        print(f"error: no finished run with a trainer.lr in its config.yaml under {args.dir}", file=sys.stderr)
+    failures = selection_failures(args.dir) if args.dir.is_dir() else {}
+    if not runs and not failures:
+        print(f"error: no finished or failed run with a trainer.lr in its config.yaml under {args.dir}",
+              file=sys.stderr)
         return 1
     out = args.out or args.dir
-    md, table = selection_table(runs, selection_failures(args.dir))
+    md, table = selection_table(runs, failures)
     write_text(out / "selection.md", md)
     write_text(out / "selection.csv", table)
-    figures = plot_dev_curves(runs, out / "dev_curves")
+    figures = plot_dev_curves(runs, out / "dev_curves") if runs else []
     print(md, end="")
     for task, rates in chosen_rates(runs).items():
         print(f"chosen on {task}: lrs: {{{', '.join(f'{m}: {lr:.1e}' for m, lr in rates.items())}}}")

@@ -338,6 +338,24 @@ def _rel(path: Path, start: Path) -> str:
     return os.path.relpath(path.resolve(), start.resolve())
 
 
+def _shown(path: Path) -> str:
+    """A path as the command line should show it: relative to the working directory when under it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def command_line(args: argparse.Namespace, out: Path) -> str:
+    """The report's command in one canonical form (paths relative to the working directory), for the notes."""
+    argv = ["python", "-m", "papeft.report", _shown(args.dir), "--out", _shown(out)]
+    argv += ["--name", args.name] * (args.name != "median") + ["--paper", args.paper] * bool(args.paper)
+    argv += ["--no-iqr"] * (not args.iqr) + ["--reference", args.reference] * bool(args.reference)
+    argv += ["--claims", _shown(args.claims)] if args.claims is not None else []
+    argv += ["--plots"] * args.plots
+    return shlex.join(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status."""
     ap = argparse.ArgumentParser(prog="python -m papeft.report", description=__doc__.split("\n")[0])
@@ -352,8 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "interval per cell) and NAME-paired.* (METHOD minus each method, paired by seed and example)")
     ap.add_argument("--claims", type=Path, default=None, metavar="BENCH_DIR", help="also write NAME-claims.{md,csv}: "
                     "each testable claim of the papers with a verdict (speed claims from BENCH_DIR's benchmarks)")
-    raw = list(sys.argv[1:] if argv is None else argv)
-    args = ap.parse_args(raw)
+    args = ap.parse_args(argv)
     if not args.dir.is_dir():
         print(f"error: {args.dir} is not a directory", file=sys.stderr)
         return 2
@@ -367,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or args.dir
     try:
         paths = write_tables([args.dir], out / args.name, paper=args.paper, iqr=args.iqr, reference=args.reference,
-                             claims_from=args.claims, command=shlex.join(["python", "-m", "papeft.report", *raw]))
+                             claims_from=args.claims, command=command_line(args, out))
     except (ValueError, KeyError) as exc:
         print(f"error: {exc} under {args.dir}", file=sys.stderr)
         return 1

@@ -8,7 +8,8 @@ the sweep skips), *failed* when it holds a failed.json instead, *stale* when its
 another config (the sweep runs it again), *started* when an attempt left a config or a checkpoint
 there (the sweep resumes it), else *pending*. The time to go is, per task, the
 median `cell_time_s` of its finished cells times its unfinished ones (the overall median where a
-task has none yet): a guide, since cell times include whatever else ran on the machine. The
+task has none yet; a failed cell counts, as the sweep runs it again): a guide, since cell times
+include whatever else ran on the machine. The
 unfinished cells' indices are printed in SLURM's `--array` syntax (papeft.runner.sweep keeps the
 order of the multirun and of scripts/slurm/make_sbatch.py).
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from papeft.paths import config_dir
 from papeft.runner.cells import FAILED, METRICS, finished_metrics, parse_seeds, resolved_config, run_dir_for
@@ -52,9 +54,9 @@ def cell_states(overrides: Sequence[str]) -> list[CellState]:
             if rest not in composed:
                 composed[rest] = compose("config", overrides=list(rest))
             cfg = composed[rest].copy()
-            seed_value = next((o.split("=", 1)[1] for o in cell if o.startswith("seed=")), None)
-            if seed_value is not None:                                       # as Hydra would type it
-                cfg.seed = int(seed_value) if seed_value.lstrip("-").isdigit() else seed_value
+            seed = [o for o in OverridesParser.create().parse_overrides(list(cell)) if o.key_or_group == "seed"]
+            if seed:                                                         # the value as Hydra types it
+                cfg.seed = seed[-1].value()
             for seed in parse_seeds(cfg.seed):
                 run_dir = run_dir_for(cfg, seed)
                 done = finished_metrics(run_dir, config_hash(resolved_config(cfg, seed)))
@@ -84,7 +86,7 @@ def seconds_to_go(states: Sequence[CellState]) -> float | None:
         return None
     overall = statistics.median(t for ts in times.values() for t in ts)
     return sum(statistics.median(times[s.task]) if s.task in times else overall
-               for s in states if s.state in ("stale", "started", "pending"))
+               for s in states if s.state != "finished")
 
 
 def array_spec(indices: Sequence[int]) -> str:
