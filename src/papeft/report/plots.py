@@ -43,14 +43,7 @@ def plot_rational_activations(activations: Sequence[nn.Module],
     axes.flat[0].legend(fontsize=6, loc="upper left")
     if title:
         fig.suptitle(title, fontsize=9)
-    stem = Path(stem)
-    paths = []
-    for fmt in ("png", "pdf"):
-        path = stem.with_name(f"{stem.name}.{fmt}")
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=fmt, dpi=150)
-        paths.append(path)
-    return paths
+    return save_figure(fig, stem)
 
 
 def plot_budget(series: dict[str, Sequence[tuple[float, float, float, float]]], stem: str | Path,
@@ -110,12 +103,13 @@ def plot_methods_budget(panels: dict[str, dict[str, tuple[float, float, float, f
 
 
 def save_figure(fig: Figure, stem: str | Path, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
-    """Write `{stem}.{fmt}` for each format, atomically; return the paths."""
+    """Write `{stem}.{fmt}` for each format, atomically; return the paths. No creation date goes into a
+    PDF, so the same figure gives the same bytes."""
     stem = Path(stem)
     paths = []
     for fmt in formats:
         path = stem.with_name(f"{stem.name}.{fmt}")
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=fmt, dpi=150)
+            fig.savefig(tmp, format=fmt, dpi=150, metadata={"CreationDate": None} if fmt == "pdf" else None)
         paths.append(path)
     return paths

@@ -160,30 +160,42 @@ def adopt(runs: dict[tuple[str, str, str], dict[float, dict]], into: Path) -> li
 
 
 def plot_dev_curves(runs: dict[tuple[str, str, str], dict[float, dict]], stem: Path) -> list[Path]:
-    """Dev loss against optimizer steps: a panel per task, a line per (method, learning rate)."""
+    """Dev loss against optimizer steps: a panel per (task, method), at most four to a row, a line per
+    learning rate (one colour per rate throughout, the chosen one thick); the zero-shot floor's dev loss,
+    when run, dashed in every panel of its task."""
     tasks = sorted({t for _, _, t in runs})
-    fig = Figure(figsize=(4.2 * len(tasks), 3.2), layout="constrained")
-    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
-    methods = sorted({m for _, m, _ in runs})
-    for ax, task in zip(axes, tasks):
-        for (backbone, method, t), by_lr in sorted(runs.items()):
-            if t != task:
-                continue
-            rates = sorted(by_lr)
-            if is_floor(by_lr):                                   # zero-shot: its one dev loss, a line
-                ax.axhline(by_lr[rates[0]]["best_dev_loss"], color="0.4", ls="--", lw=1.0, label=f"{method} (floor)")
-                continue
-            for j, lr in enumerate(rates):
-                history = by_lr[lr].get("dev_history") or []
-                steps = [h["step"] for h in history]
-                ax.plot(steps, [h["dev_loss"] for h in history], color=f"C{methods.index(method)}",
-                        ls=("-", "--", ":", "-.")[j % 4], marker="o", ms=2.5, lw=1.2, label=f"{method} lr {lr:g}")
-        ax.set_title(task, fontsize=9)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("dev loss (log scale)")
-        ax.set_yscale("log")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6)
+    methods = sorted({m for (_, m, _), by_lr in runs.items() if not is_floor(by_lr)})
+    rates = sorted({lr for by_lr in runs.values() if not is_floor(by_lr) for lr in by_lr})
+    cols = max(min(4, len(methods)), 1)
+    per_task = math.ceil(len(methods) / cols) if methods else 1
+    fig = Figure(figsize=(3.0 * cols, 2.4 * per_task * len(tasks)), layout="constrained")
+    axes = fig.subplots(per_task * len(tasks), cols, squeeze=False, sharex=True, sharey=True)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for t_index, task in enumerate(tasks):
+        floor = [by_lr for (_, _, t), by_lr in runs.items() if t == task and is_floor(by_lr)]
+        for m_index, method in enumerate(methods):
+            ax = axes[t_index * per_task + m_index // cols, m_index % cols]
+            ax.set_axis_on()
+            for (_, m, t), by_lr in sorted(runs.items()):
+                if (m, t) != (method, task):
+                    continue
+                pick = choice(by_lr)
+                for lr in sorted(by_lr):
+                    history = by_lr[lr].get("dev_history") or []
+                    ax.plot([h["step"] for h in history], [h["dev_loss"] for h in history],
+                            color=f"C{rates.index(lr) % 10}", lw=2.2 if lr == pick else 1.0, marker="o", ms=2.5,
+                            label=f"lr {lr:g}" + (" (chosen)" if lr == pick else ""))
+            for by_lr in floor:
+                ax.axhline(next(iter(by_lr.values()))["best_dev_loss"], color="0.4", ls="--", lw=1.0, label="zero-shot")
+            ax.set_title(f"{method} on {task}", fontsize=8)
+            ax.set_yscale("log")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.tick_params(labelsize=7, labelbottom=True, labelleft=True)
+            ax.set_xlabel("optimizer step", fontsize=7)
+            ax.set_ylabel("dev loss (log)", fontsize=7)
+            if ax.lines:
+                ax.legend(fontsize=6)
     return save_figure(fig, stem)
 
 
