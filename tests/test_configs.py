@@ -114,10 +114,10 @@ def test_a_selection_run_is_the_table_cell_it_selects():
         with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
             return config_hash(resolved_config(compose("config", overrides=list(overrides)), 0))
     chosen = chash("experiment=cpu_select", "method=ia3", "task=sst2", "trainer.lr=0.01")
-    assert chosen == chash("experiment=cpu_table1", "method=ia3", "task=sst2", "+lrs.ia3=0.01")
-    assert chosen != chash("experiment=cpu_table1", "method=ia3", "task=sst2", "+lrs.ia3=0.003")
+    assert chosen == chash("experiment=cpu_table1", "method=ia3", "task=sst2", "++lrs.ia3=0.01")
+    assert chosen != chash("experiment=cpu_table1", "method=ia3", "task=sst2", "++lrs.ia3=0.003")
     assert chash("experiment=cpu_table1", "method=lora", "task=rte") == chash(
-        "experiment=cpu_table1", "method=lora", "task=rte", "+lrs.ia3=0.01", "cpu_tests.sst2=10")
+        "experiment=cpu_table1", "method=lora", "task=rte", "++lrs.ia3=0.003", "cpu_tests.sst2=10")
 
 
 def test_budget_sweep_sets_rank_and_run_name():
