@@ -1,23 +1,11 @@
 """Claims against reproduction: every claim of the papers this scale can test, the paper's number,
-ours, and a verdict with its reason.
-
-Score claims compare two methods on one task through their paired difference (papeft.report.intervals):
-* *holds*: the 95% interval of (claimed better - other) lies above 0;
-* *does not hold*: it lies below 0 (the other method is better);
-* *cannot be decided at this scale*: neither method's cell beats the task's floor (its interval's lower
-  end is not above the majority-class rate or the zero-shot score), the interval spans 0, it resamples
-  seeds only on fewer than five (too coarse), or one of the two methods has no runs on the task.
-When only one of the two cells beats the floor, the reason says so.
-Speed claims read the committed benchmarks under results/bench/ (training step; decode tokens/s); a
-ratio within the measurements' spread (the larger of the two methods') cannot be decided.
-Written by `python -m papeft.report DIR --reference parade --claims results/bench` as NAME-claims.{md,csv}.
+ours, and a verdict with its reason. The verdict rules are `RULES` below, printed under every claims table.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -28,6 +16,20 @@ from papeft.report.paper_numbers import SPEED_TABLE4, get_table
 from papeft.report.reproduction import Runs, floors
 from papeft.report.rows import FLOOR_METHODS
 
+RULES = (
+    "Score claims compare two methods on one task through their paired difference (papeft.report.intervals):",
+    "",
+    "- *holds*: the 95% interval of (claimed better - other) lies above 0;",
+    "- *does not hold*: it lies below 0 (the other method is better);",
+    "- *cannot be decided at this scale*: neither method's cell beats the task's floor (its interval's lower end "
+    "is not above the majority-class rate or the zero-shot score), the interval spans 0, it resamples seeds only "
+    "on fewer than five (too coarse), or one of the two methods has no runs on the task.",
+    "",
+    "When only one of the two cells beats the floor, the reason says so.",
+    "Speed claims read the committed benchmarks under results/bench/ (training step; decode tokens/s); a ratio "
+    "within the measurements' spread (the larger of the two methods') cannot be decided.",
+    "Written by `python -m papeft.report DIR --reference parade --claims results/bench` as NAME-claims.{md,csv}.",
+)
 TABLE1_BASELINES = ("lora", "adalora", "bitfit", "ia3", "houlsby", "parallel", "ptuning_v2")
 HOLDS, FAILS, UNDECIDED = "holds", "does not hold", "cannot be decided at this scale"
 
@@ -135,11 +137,7 @@ def write_claims(records: Sequence[dict], groups: dict[tuple[str, str, str], Run
     md = ["| claim | task | paper | ours: difference [95% interval] | verdict | reason |", "|---|---|---|---|---|---|"]
     md += [f"| {c.claim} | {c.task} | {c.paper} | {c.ours} | **{c.verdict}** | {c.reason} |" for c in claims]
     counts = {v: sum(c.verdict == v for c in claims) for v in (HOLDS, FAILS, UNDECIDED)}
-    rules = re.sub(r"\n\s+", " ", __doc__.split("\n\n")[1]).strip().splitlines()   # one line per rule
-    bullets = [i for i, line in enumerate(rules) if line.startswith("* ")]
-    rules = rules[:bullets[0]] + [""] + ["- " + r[2:] for r in rules[bullets[0]:bullets[-1] + 1]] + [""] + \
-        rules[bullets[-1] + 1:]
-    md += ["", "Verdicts: " + ", ".join(f"{n} {v}" for v, n in counts.items()) + ".", "", *rules]
+    md += ["", "Verdicts: " + ", ".join(f"{n} {v}" for v, n in counts.items()) + ".", "", *RULES]
     md += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")

@@ -3,9 +3,10 @@
 Layout of the paper's Table 1: one row per (backbone, method) with its tunable-parameter column,
 one column per task; each cell is the median over seeds, followed by the interquartile range in
 brackets when there are several seeds; best per column in bold, second underlined (Markdown:
-italics), among the cells with every seed that beat the floor rows; `(n=k)` flags a cell with fewer complete seeds than expected, `failed` a cell whose every
-run failed, `NaN` a cell whose every finished run reported a NaN score (listed below the table with
-why), `–` a cell never run. Paper rows (papeft.report.paper_numbers) come after ours, under a rule.
+italics), among the cells with every seed that beat the floor rows; `(n=k)` flags a cell with fewer
+complete seeds than expected, `failed` a cell whose every run failed, `NaN` a cell whose every
+finished run reported a NaN score (listed below the table with why), `–` a cell never run. Paper
+rows (papeft.report.paper_numbers) come after ours, under a rule.
 """
 from __future__ import annotations
 

@@ -164,8 +164,8 @@ def interval_tables(groups: dict[tuple[str, str, str], Runs], order: Sequence[st
                 body.append([f"{method}" if len(backbones) == 1 else f"{backbone} / {method}"] + cells)
                 rows.append(flat)
     legend = ("Median over seeds [95% bootstrap interval] (n = seeds): seeds and test examples resampled together "
-              "(2,000 replicates); † seeds only (the task's score is not a mean over examples, or a seed's predictions are "
-              "missing or unreadable: a warning names the file); – fewer than two seeds.")
+              "(2,000 replicates); † seeds only (the task's score is not a mean over examples, or a seed's "
+              "predictions are missing or unreadable: a warning names the file); – fewer than two seeds.")
     head = ["method"] + tasks
     csv_head = ["backbone", "method"] + [f"{t}_{s}" for t in tasks for s in ("median", "low", "high", "n", "examples")]
     return _render("Per-cell 95% intervals", legend, head, body, csv_head, rows, notes)

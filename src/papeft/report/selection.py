@@ -5,7 +5,7 @@ curves it was read from.
 `python -m papeft.report.selection DIR [--out OUT]` scans DIR for runs (metrics.json + config.yaml)
 that differ in `trainer.lr`, and writes `OUT/selection.{md,csv}` (per backbone, method and task:
 each learning rate's best dev loss and its step, the chosen one marked) and `OUT/dev_curves.{png,pdf}`
-(dev loss against optimizer steps, one panel per task, one line per method and learning rate; a
+(dev loss against optimizer steps, one panel per task and method, one line per learning rate; a
 zero-shot run, when present, as a dashed line: the frozen backbone's dev loss).
 Test scores of selection runs are listed for the record; they played no part in the choice. A run that
 failed (its `failed.json`: a diverged loss, say) is listed with its reason and counts as tried. A rate
@@ -34,27 +34,31 @@ from papeft.report.reproduction import run_config
 from papeft.report.tables import collect, collect_failures
 
 
+def rate_key(rec: dict) -> tuple[tuple[str, str, str], float] | None:
+    """((backbone, method, task), trainer.lr from the config.yaml beside the run), None without a rate."""
+    lr = (run_config(rec).get("trainer") or {}).get("lr")
+    return None if lr is None else ((str(rec["backbone"]), str(rec["method"]), str(rec["task"])), float(lr))
+
+
 def selection_runs(root: Path) -> dict[tuple[str, str, str], dict[float, dict]]:
     """(backbone, method, task) -> learning rate -> metrics record (seed 0 only when several)."""
     out: dict[tuple[str, str, str], dict[float, dict]] = {}
     for rec in collect(root):
-        lr = (run_config(rec).get("trainer") or {}).get("lr")
-        if lr is None or not isinstance(rec.get("best_dev_loss"), (int, float)):
+        if not isinstance(rec.get("best_dev_loss"), (int, float)) or (found := rate_key(rec)) is None:
             continue
-        key = (str(rec["backbone"]), str(rec["method"]), str(rec["task"]))
-        held = out.setdefault(key, {}).get(float(lr))
+        key, lr = found
+        held = out.setdefault(key, {}).get(lr)
         if held is None or rec["seed"] < held["seed"]:
-            out[key][float(lr)] = rec
+            out[key][lr] = rec
     return out
 
 
 def selection_failures(root: Path) -> dict[tuple[str, str, str], dict[float, dict]]:
-    """(backbone, method, task) -> learning rate -> failure record, for the runs that wrote `failed.json`."""
+    """(backbone, method, task) -> learning rate -> failure record, for the seed-0 runs that wrote `failed.json`."""
     out: dict[tuple[str, str, str], dict[float, dict]] = {}
     for rec in collect_failures(root):
-        lr = (run_config(rec).get("trainer") or {}).get("lr")
-        if lr is not None and rec.get("seed") == 0:
-            out.setdefault((str(rec["backbone"]), str(rec["method"]), str(rec["task"])), {})[float(lr)] = rec
+        if rec.get("seed") == 0 and (found := rate_key(rec)) is not None:
+            out.setdefault(found[0], {})[found[1]] = rec
     return out
 
 

@@ -6,12 +6,11 @@ pending, what is left, and a rough time to go.
 A cell is *finished* when its run folder holds a complete metrics.json of the same config hash (what
 the sweep skips), *failed* when it holds a failed.json instead, *stale* when its metrics.json is of
 another config (the sweep runs it again), *started* when an attempt left a config or a checkpoint
-there (the sweep resumes it), else *pending*. The time to go is, per task, the
-median `cell_time_s` of its finished cells times its unfinished ones (the overall median where a
-task has none yet; a failed cell counts, as the sweep runs it again): a guide, since cell times
-include whatever else ran on the machine. The
-unfinished cells' indices are printed in SLURM's `--array` syntax (papeft.runner.sweep keeps the
-order of the multirun and of scripts/slurm/make_sbatch.py).
+there (the sweep resumes it), else *pending*. The time to go is, per task, the median `cell_time_s`
+of its finished cells times its unfinished ones (the overall median where a task has none yet; a
+failed cell counts, as the sweep runs it again): a guide, since cell times include whatever else ran
+on the machine. The unfinished cells' indices are printed in SLURM's `--array` syntax
+(papeft.runner.sweep keeps the order of the multirun and of scripts/slurm/make_sbatch.py).
 """
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from papeft.paths import config_dir
 from papeft.runner.cells import FAILED, METRICS, finished_metrics, parse_seeds, resolved_config, run_dir_for
 from papeft.runner.sweep import expand
-from papeft.train.checkpoint import config_hash
+from papeft.train.checkpoint import CHECKPOINT_DIR, config_hash
 
 STATES = ("finished", "failed", "stale", "started", "pending")
 
@@ -46,17 +45,18 @@ class CellState:
 
 def cell_states(overrides: Sequence[str]) -> list[CellState]:
     """The state of every (cell, seed) of the sweep, in job order."""
-    sweep = expand(overrides, launcher=None)
+    sweep, parser = expand(overrides, launcher=None), OverridesParser.create()
     out, composed = [], {}
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         for index, cell in enumerate(sweep.cells):
-            rest = tuple(o for o in cell if not o.startswith("seed="))     # composed once for all its seeds
+            parsed = parser.parse_overrides(list(cell))
+            rest = tuple(o.input_line for o in parsed if o.key_or_group != "seed")   # composed once for all seeds
             if rest not in composed:
                 composed[rest] = compose("config", overrides=list(rest))
             cfg = composed[rest].copy()
-            seed = [o for o in OverridesParser.create().parse_overrides(list(cell)) if o.key_or_group == "seed"]
-            if seed:                                                         # the value as Hydra types it
-                cfg.seed = seed[-1].value()
+            for o in parsed:
+                if o.key_or_group == "seed":                                 # the value as Hydra types it
+                    cfg.seed = o.value()
             for seed in parse_seeds(cfg.seed):
                 run_dir = run_dir_for(cfg, seed)
                 done = finished_metrics(run_dir, config_hash(resolved_config(cfg, seed)))
@@ -66,7 +66,7 @@ def cell_states(overrides: Sequence[str]) -> list[CellState]:
                     state = "failed"
                 elif (run_dir / METRICS).is_file():
                     state = "stale"
-                elif (run_dir / "config.yaml").is_file() or (run_dir / "checkpoint").is_dir():
+                elif (run_dir / "config.yaml").is_file() or (run_dir / CHECKPOINT_DIR).is_dir():
                     state = "started"
                 else:
                     state = "pending"
