@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from papeft.serving import MultiTenantEngine, Request, TenantError
-from papeft.serving.engine import _CallHooks
+from papeft.serving.engine import CallHooks
 from papeft.serving.banks import SlotStack, VectorBank
 from papeft.backbone.architectures import role_sites
 from papeft.methods import build_method
@@ -79,9 +79,9 @@ def single_tenant(m, ids, engine, beams):
     kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=NEW, num_beams=beams, do_sample=False,
               pad_token_id=engine.pad)
     if m.method == "lopa":                   # its generate returns plain sequences
-        return engine._trim(m.generate(x, **kw)[0, x.shape[1]:].tolist()), None
+        return engine.trim(m.generate(x, **kw)[0, x.shape[1]:].tolist()), None
     out = m.generate(x, **kw, return_dict_in_generate=True, output_scores=True)
-    tokens = engine._trim(out.sequences[0, x.shape[1]:].tolist())
+    tokens = engine.trim(out.sequences[0, x.shape[1]:].tolist())
     if beams > 1:
         return tokens, out.sequences_scores[0].item()
     logp = torch.stack(out.scores, 1)[0].log_softmax(-1)                    # (n, V)
@@ -273,8 +273,8 @@ def test_prefill_vectors_of_every_row_equal_its_tenants_own(loaded, beams, monke
     """The gathered generators give each prompt (shared by its beams) its tenant's vectors; other rows get 1."""
     engine, refs = loaded
     kept = []
-    exit_ = _CallHooks.__exit__
-    monkeypatch.setattr(_CallHooks, "__exit__", lambda self, *exc: (kept.append(self.scales), exit_(self, *exc))[1])
+    exit_ = CallHooks.__exit__
+    monkeypatch.setattr(CallHooks, "__exit__", lambda self, *exc: (kept.append(self.scales), exit_(self, *exc))[1])
     names = ["parade", "lora", "parade_b", "pedro", None, "para", "pedro_b", "ia3"]
     requests = [Request(p, t) for p, t in zip(prompts(len(names), seed=11), names)]
     assert all(r.ok for r in engine.generate(requests, max_new_tokens=2, num_beams=beams))
@@ -316,6 +316,6 @@ def test_soft_prompt_rows_mix_with_adapter_rows(loaded):
     embeds = torch.cat([soft, engine.backbone.get_input_embeddings()(torch.tensor(ps[0]))])[None]
     ref = engine.backbone.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
                                    max_new_tokens=NEW, do_sample=False, pad_token_id=engine.pad)
-    assert results[0].tokens == engine._trim(ref[0].tolist())
+    assert results[0].tokens == engine.trim(ref[0].tolist())
     for req, res in zip(requests[1:3], results[1:3]):                   # unchanged by the embeds path
         assert res.tokens == engine.generate([req], max_new_tokens=NEW)[0].tokens

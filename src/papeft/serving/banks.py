@@ -5,7 +5,7 @@ Every bank answers the same calls, so the engine never asks which form a tenant 
 `signature(form)` (tenants with equal signatures share a bank), `add` / `remove` / `slot`,
 `tensors()` (what stays resident), `prompt_for(name, ids)` (a request's soft prompt, if its
 tenant makes one) and `join(call, prompts, slots)`: what the bank does for its rows of one
-engine call (`engine._CallHooks`: scales to write, generators to run at prefill, LoRA weights
+engine call (`engine.CallHooks`: scales to write, generators to run at prefill, LoRA weights
 to add). Gathered LoRA's bank is in gathered_lora.py.
 """
 from __future__ import annotations

@@ -27,6 +27,10 @@ for the call only and removed after:
 Rows of other forms see a scale of exactly 1 and a LoRA delta of exactly 0, and
 tenants of one layout share a bank, so a batch costs one pass per bank, not per tenant.
 
+Requests that arrive over time: continuous.py (iteration-level batching) prefills newcomers
+through this engine's call hooks and keeps each row's vectors, scales and LoRA weights in a
+running batch that rows join and leave between decode steps.
+
 Refusals (our reading of "the rest of the batch is not affected"): `add_tenant`
 raises `TenantError` for a bad adapter (unknown method, another backbone,
 corrupt file) and remembers why; `generate` validates every request first,
@@ -47,9 +51,9 @@ import torch
 from torch import nn
 
 from papeft.backbone.architectures import ROLE_PATHS, decoder_layers, full_width, model_type, module_width
-from papeft.methods.role_scaling import scale_rows
 from papeft.methods.serving_form import LowRankDeltas, PromptVectors, ServingForm, SoftPrompts, StaticScales
 from papeft.serving.banks import Bank, SoftPromptBank, StaticBank, VectorBank
+from papeft.serving.forwards import PatchedForwards, scaled_forward
 from papeft.serving.gathered_lora import LoraBank, lora_forward
 from papeft.serving.tenants import Tenant, TenantError, load_tenant
 
@@ -186,7 +190,7 @@ class MultiTenantEngine:
         return params + sum(self.banks[k].nbytes() for k in {self._bank_of[n] for n in names if n in self._bank_of})
 
     # ---- requests -------------------------------------------------------------
-    def _check(self, r: Request) -> tuple[Tenant | None, torch.Tensor | None, str | None]:
+    def check(self, r: Request) -> tuple[Tenant | None, torch.Tensor | None, str | None]:
         """(tenant, soft prompt, error) of one request; never raises."""
         tenant = None
         if r.tenant is not None:
@@ -214,7 +218,7 @@ class MultiTenantEngine:
                 return None, None, f"soft_prompt must be a finite (m, {d}) tensor, got {tuple(soft.shape)}"
         return tenant, soft, None
 
-    def _trim(self, tokens: list[int]) -> list[int]:
+    def trim(self, tokens: list[int]) -> list[int]:
         for k, t in enumerate(tokens):
             if t in self.eos:
                 return tokens[: k + 1]
@@ -228,26 +232,26 @@ class MultiTenantEngine:
         `return_scores` also fills `Result.score`: the sum of the chosen tokens' log-probabilities
         (greedy) or the beam's length-normalised score (beam search).
         """
-        checked = [self._check(r) for r in requests]
+        checked = [self.check(r) for r in requests]
         results = [Result(r.tenant, None, err) for r, (_, _, err) in zip(requests, checked)]
         valid = [k for k, (_, _, err) in enumerate(checked) if err is None]
         if not valid:
             return results
         rows = [(torch.as_tensor(requests[k].input_ids), *checked[k][:2]) for k in valid]
-        inputs = self._batch_inputs(rows)
+        inputs = self.batch_inputs(rows)
         T = inputs["attention_mask"].shape[1]
         tenants = [t for _, t, _ in rows]
         kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
                       do_sample=False, num_return_sequences=1, pad_token_id=self.pad,
                       return_dict_in_generate=return_scores, output_scores=return_scores)
-        model, routing = self._model_for(tenants)
+        model, routing = self.model_for(tenants)
         kwargs.update(routing)
-        with _CallHooks(self, tenants, inputs["attention_mask"], num_beams):
+        with CallHooks(self, tenants, inputs["attention_mask"], num_beams):
             out = model.generate(**inputs, **kwargs)
         seqs = out.sequences if return_scores else out
         new = seqs if "inputs_embeds" in inputs else seqs[:, T:]                  # (B, n)
         for k, seq in zip(valid, new.tolist()):
-            results[k].tokens = self._trim(seq)
+            results[k].tokens = self.trim(seq)
         if return_scores:
             if num_beams > 1:
                 scores = out.sequences_scores.tolist()
@@ -262,25 +266,32 @@ class MultiTenantEngine:
     @torch.no_grad()
     def logits(self, requests: list[Request]) -> list[torch.Tensor]:
         """Teacher-forced logits (T_i, V) of each prompt under its tenant; raises TenantError on a bad request."""
-        checked = [self._check(r) for r in requests]
+        checked = [self.check(r) for r in requests]
         bad = [f"request {k}: {err}" for k, (_, _, err) in enumerate(checked) if err is not None]
         if bad:
             raise TenantError("; ".join(bad))
         rows = [(torch.as_tensor(r.input_ids), t, soft) for r, (t, soft, _) in zip(requests, checked)]
-        inputs = self._batch_inputs(rows)
-        model, kwargs = self._model_for([t for _, t, _ in rows])
-        with _CallHooks(self, [t for _, t, _ in rows], inputs["attention_mask"], 1):
+        inputs = self.batch_inputs(rows)
+        model, kwargs = self.model_for([t for _, t, _ in rows])
+        with CallHooks(self, [t for _, t, _ in rows], inputs["attention_mask"], 1):
             out = model(**inputs, **kwargs).logits                               # (B, T, V)
         return [out[b, out.shape[1] - len(ids):] for b, (ids, _, _) in enumerate(rows)]   # prompt tokens only
 
-    def _model_for(self, tenants: list[Tenant | None]) -> tuple[nn.Module, dict]:
+    def model_for(self, tenants: list[Tenant | None]) -> tuple[nn.Module, dict]:
         """The module to call and its routing kwargs: peft's wrapper with adapter names when LoRA is served by peft."""
+        return self.route(self.peft_names(tenants))
+
+    def peft_names(self, tenants: list[Tenant | None]) -> list[str]:
+        """Each row's peft adapter name; "__base__" (peft's "no adapter") for rows not served by peft."""
+        return [t.name if t is not None and t.name in self._in_peft else "__base__" for t in tenants]
+
+    def route(self, names: list[str]) -> tuple[nn.Module, dict]:
+        """peft's wrapper with the rows' adapter names while peft serves LoRA tenants, else the backbone."""
         if self._peft is not None and self._peft.peft_config:
-            return self._peft, {"adapter_names": [t.name if t is not None and t.name in self._in_peft else "__base__"
-                                                  for t in tenants]}
+            return self._peft, {"adapter_names": names}
         return self.backbone, {}
 
-    def _batch_inputs(self, rows) -> dict[str, torch.Tensor]:
+    def batch_inputs(self, rows) -> dict[str, torch.Tensor]:
         """Left-padded input_ids + attention_mask, or inputs_embeds when any row has a soft prompt."""
         embed = self.backbone.get_input_embeddings()
         if all(soft is None for _, _, soft in rows):
@@ -300,23 +311,7 @@ class MultiTenantEngine:
         return {"inputs_embeds": embeds, "attention_mask": mask}
 
 
-def _scaled_forward(base, s: torch.Tensor, side: str):
-    """A module's forward (`base`) with its output (side "out") or input (side "in") scaled by s (P, 1, W).
-
-    Installed as the module's forward for one call (cheaper than a forward hook: a decode
-    step runs 3 of these per layer). The output of a linear is fresh and is scaled in
-    place; an input may be shared (q, k, v), so out of place.
-    """
-    if side == "out":
-        def forward(*args, **kwargs):
-            return scale_rows(base(*args, **kwargs), s, in_place=True)      # (P*beams, T, W)
-    else:
-        def forward(x, *args, **kwargs):
-            return base(scale_rows(x, s), *args, **kwargs)
-    return forward
-
-
-class _CallHooks:
+class CallHooks:
     """The hooks of one generate call: installed on enter, all removed on exit.
 
     Every bank with rows in the call joins it (`Bank.join`): static scales are written now,
@@ -326,12 +321,12 @@ class _CallHooks:
     """
 
     def __init__(self, engine: MultiTenantEngine, tenants: list[Tenant | None], mask: torch.Tensor, beams: int):
-        self.e, self.beams, self.prefill_handles, self.patched = engine, beams, [], []
+        self.e, self.beams, self.prefill_handles, self.patched = engine, beams, [], PatchedForwards()
         self.prompts, self.dtype = len(tenants), engine.dtype
         self.pool_mask = mask.bool()                                          # (P, T)
         self.scales: dict[tuple, torch.Tensor] = {}                           # site -> (P, 1, width)
         self.vector_banks = []                                                # (bank, prompts or None, slots)
-        self.lora: list[dict] = []
+        self.lora: dict[Bank, dict] = {}                                      # LoRA bank -> its gathered weights
         dev = engine.device
         for key, bank in engine.banks.items():
             idx = [b for b, t in enumerate(tenants) if t is not None and engine._bank_of.get(t.name) == key]
@@ -349,30 +344,20 @@ class _CallHooks:
     def __enter__(self):
         layers = self.e.layers
         for (i, path, side), s in self.scales.items():
-            self._patch(layers[i].get_submodule(path), lambda base: _scaled_forward(base, s, side))
-        for gathered in self.lora:
+            self.patched.patch(layers[i].get_submodule(path), lambda base: scaled_forward(base, s, side))
+        for gathered in self.lora.values():
             for (i, path), (A, B) in gathered.items():
-                self._patch(layers[i].get_submodule(path), lambda base: lora_forward(base, A, B))
+                self.patched.patch(layers[i].get_submodule(path), lambda base: lora_forward(base, A, B))
         if self.vector_banks:
             for i, layer in enumerate(layers):
                 self.prefill_handles.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
             self.prefill_handles.append(self.e.backbone.register_forward_hook(self._end_prefill))
         return self
 
-    def _patch(self, module: nn.Module, wrap) -> None:
-        """module.forward = wrap(current forward) for this call; what it had before (the class's
-        forward, or an instance patch such as accelerate's) comes back on exit."""
-        self.patched.append((module, module.__dict__.get("forward")))
-        module.forward = wrap(module.forward)
-
     def __exit__(self, *exc):
         for h in self.prefill_handles:
             h.remove()
-        for mod, own in reversed(self.patched):        # restore what each module had before the call
-            if own is None:
-                del mod.forward
-            else:
-                mod.forward = own
+        self.patched.restore()
         return False
 
     def _end_prefill(self, module, args, out):

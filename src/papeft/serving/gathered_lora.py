@@ -47,7 +47,7 @@ class LoraBank(Bank):
         """Its weights, gathered once per call for every prompt (0 = no LoRA) and added by patched forwards."""
         per_prompt = torch.zeros(call.prompts, dtype=torch.long, device=slots.device)
         per_prompt[prompts] = slots
-        call.lora.append(self.gather(per_prompt))
+        call.lora[self] = self.gather(per_prompt)
 
     def gather(self, slots: torch.Tensor) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
         """Per module, the rows' (A (B, in, r), B (B, r, out)); `slots` (B,) per prompt, 0 = no LoRA."""

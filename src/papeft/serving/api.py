@@ -1,0 +1,333 @@
+"""An OpenAI-compatible endpoint over the iteration-level batcher (aiohttp): one frozen backbone, each
+tenant named by the request's `model`.
+
+    POST /v1/completions        {"model", "prompt": text | [token ids], "max_tokens", "stream", ...}
+    POST /v1/chat/completions   {"model", "messages": [{"role", "content"}], ...}  (the tenants' training template)
+    GET  /v1/models             the bare backbone (its config name) and every tenant
+    GET  /v1/tenants            tenants with their methods, and the refused ones with why
+    POST /v1/tenants            {"name", "path"}: load an adapter from under the tenants directory
+    DELETE /v1/tenants/{name}   running requests finish, new ones get 404
+    GET  /health                waiting / running jobs
+
+Decoding is greedy, or beam search with the extension `"num_beams": k` (answered at the
+end, never streamed); `"min_tokens"` forces at least that many new tokens (the load
+benchmark's fixed answer lengths); `"return_token_ids": true` adds each choice's token ids.
+Sampling is not offered: `temperature` > 0 or `top_p` < 1 is refused with the reason, as are
+`n` > 1, `stop`, `logprobs` and `echo`.
+
+Errors (OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`): 400 for a bad
+body (the field and what was expected), 404 for an unknown or removed tenant, 413 for a
+body or prompt over the limits, 429 with Retry-After when `max_waiting` jobs already wait
+(a bounded queue: memory never grows with the offered load), 503 while shutting down.
+A client that disconnects cancels its job; its rows leave the batch at the next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from pathlib import Path
+
+from aiohttp import web
+
+from papeft.serving.continuous import ContinuousBatcher, Job, QueueFull
+from papeft.serving.engine import Request
+from papeft.serving.tenants import TenantError
+from papeft.tasks.prompting import PromptFormatter
+
+BATCHER, SETTINGS = web.AppKey("batcher", ContinuousBatcher), web.AppKey("settings", dict)
+UNSUPPORTED = {"stop": None, "logprobs": None, "echo": False, "suffix": None, "tools": None, "functions": None,
+               "logit_bias": None, "seed": None}
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+def error(status: int, message: str, param: str | None = None) -> web.Response:
+    kind = {400: "invalid_request_error", 404: "not_found_error", 413: "request_too_large",
+            429: "rate_limit_error", 503: "service_unavailable"}.get(status, "server_error")
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    return web.json_response({"error": {"message": message, "type": kind, "param": param, "code": status}},
+                             status=status, headers=headers)
+
+
+# ---- request bodies ------------------------------------------------------------
+def _field(body: dict, key: str, kind, default, check=None, expected: str = ""):
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)) or \
+            kind is not int and not isinstance(value, kind) or (check is not None and not check(value)):
+        raise BadRequest(400, f"'{key}' is {json.dumps(value)[:80]}; expected {expected}", key)
+    return value
+
+
+def decoding(body: dict, settings: dict) -> dict:
+    """Job settings from the body; BadRequest naming the field for anything not served."""
+    cap = settings["max_new_tokens"]
+    max_tokens = _field(body, "max_tokens", int, min(16, cap), lambda v: 1 <= v <= cap, f"an integer in 1..{cap}")
+    max_tokens = _field(body, "max_completion_tokens", int, max_tokens, lambda v: 1 <= v <= cap,
+                        f"an integer in 1..{cap}")
+    beams = _field(body, "num_beams", int, 1, lambda v: 1 <= v <= settings["max_beams"],
+                   f"an integer in 1..{settings['max_beams']}")
+    min_tokens = _field(body, "min_tokens", int, 0, lambda v: 0 <= v <= max_tokens, f"an integer in 0..{max_tokens}")
+    _field(body, "n", int, 1, lambda v: v == 1, "1 (one choice per request)")
+    _field(body, "temperature", (int, float), 0, lambda v: v == 0, "0: decoding is greedy or beam search")
+    _field(body, "top_p", (int, float), 1, lambda v: v == 1, "1: decoding is greedy or beam search")
+    stream = _field(body, "stream", bool, False, expected="true or false")
+    if stream and beams > 1:
+        raise BadRequest(400, "'stream' with 'num_beams' > 1: beam search answers at the end", "stream")
+    for key, default in UNSUPPORTED.items():
+        if body.get(key, default) not in (default, None, [], False):
+            raise BadRequest(400, f"'{key}' is not supported by this server", key)
+    return dict(max_new_tokens=max_tokens, num_beams=beams, min_new_tokens=min_tokens or None, stream=stream,
+                token_ids=_field(body, "return_token_ids", bool, False, expected="true or false"))
+
+
+def prompt_ids(body: dict, chat: bool, settings: dict) -> list[int]:
+    tok = settings["tokenizer"]
+    if chat:
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                and isinstance(m.get("content"), str) for m in msgs):
+            raise BadRequest(400, "'messages' must be a non-empty list of {'role': system | user | assistant, "
+                                  "'content': text}", "messages")
+        system = "\n".join(m["content"] for m in msgs if m["role"] == "system") or settings["system_prompt"]
+        turns = [m for m in msgs if m["role"] != "system"]
+        try:
+            ids = PromptFormatter(tok, settings["chat_template"], system).encode_prompt(turns)
+        except ValueError as e:
+            raise BadRequest(400, f"'messages': {e}", "messages") from e
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, str) and prompt:
+            ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
+                                                         for t in prompt):
+            ids = prompt
+        else:
+            raise BadRequest(400, "'prompt' must be a non-empty string or a non-empty list of token ids "
+                                  "(one prompt per request)", "prompt")
+    if len(ids) > settings["max_prompt_tokens"]:
+        raise BadRequest(413, f"the prompt has {len(ids)} tokens; at most {settings['max_prompt_tokens']}", "prompt")
+    return ids
+
+
+def tenant_of(body: dict, batcher: ContinuousBatcher, settings: dict) -> str | None:
+    model = body.get("model")
+    if not isinstance(model, str):
+        raise BadRequest(400, "'model' must name a tenant (GET /v1/models lists them)", "model")
+    if model == settings["backbone_name"]:
+        return None
+    engine = batcher.engine
+    if model not in engine.tenants or model in batcher.removing:
+        why = engine.refused.get(model)
+        raise BadRequest(404, f"tenant '{model}' was refused: {why}" if why else
+                         f"unknown tenant '{model}'; GET /v1/models lists the served ones", "model")
+    return model
+
+
+# ---- handlers --------------------------------------------------------------------
+async def completions(request: web.Request, chat: bool = False) -> web.StreamResponse:
+    app = request.app
+    batcher, settings = app[BATCHER], app[SETTINGS]
+    if settings["closing"]:
+        return error(503, "the server is shutting down")
+    try:
+        body = await request.json()
+    except (ValueError, UnicodeDecodeError) as e:
+        return error(400, f"the body is not JSON: {e}")
+    try:
+        if not isinstance(body, dict):
+            raise BadRequest(400, "the body must be a JSON object")
+        tenant = tenant_of(body, batcher, settings)
+        params = decoding(body, settings)
+        ids = prompt_ids(body, chat, settings)
+    except BadRequest as e:
+        return error(e.status, e.message, e.param)
+    loop = asyncio.get_running_loop()
+    tokens: asyncio.Queue = asyncio.Queue()
+    done = loop.create_future()
+    job = Job(Request(ids, tenant), max_new_tokens=params["max_new_tokens"], num_beams=params["num_beams"],
+              min_new_tokens=params["min_new_tokens"],
+              on_tokens=(lambda t: loop.call_soon_threadsafe(tokens.put_nowait, list(t))) if params["stream"] else None,
+              on_done=lambda j: loop.call_soon_threadsafe(_resolve, done, j))
+    try:
+        batcher.submit(job)
+    except QueueFull as e:
+        return error(429, f"too many requests waiting: {e}")
+    except ValueError as e:
+        return error(404 if "removed" in str(e) else 400, str(e))
+    reply = Reply(chat, body["model"], len(ids), settings["tokenizer"], params["token_ids"])
+    try:
+        if params["stream"]:
+            return await reply.stream(request, tokens, done)
+        await done
+    except (asyncio.CancelledError, ConnectionResetError):
+        job.cancelled = True                               # its rows leave at the next step
+        raise
+    result = job.result
+    if not result.ok:
+        return error(404 if "unknown tenant" in result.error or "removed" in result.error else 400, result.error)
+    return web.json_response(reply.whole(result.tokens, params["max_new_tokens"]))
+
+
+def _resolve(future: asyncio.Future, job: Job) -> None:
+    if not future.done():
+        future.set_result(job)
+
+
+class Reply:
+    """The response bodies of one request: whole, or streamed as server-sent events."""
+
+    def __init__(self, chat: bool, model: str, prompt_tokens: int, tokenizer, token_ids: bool):
+        self.chat, self.model, self.prompt_tokens, self.tok, self.token_ids = chat, model, prompt_tokens, \
+            tokenizer, token_ids
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+
+    def _envelope(self, choice: dict, chunk: bool = False) -> dict:
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": [choice]}
+
+    def _choice(self, text: str, finish: str | None, tokens: list[int] | None, chunk: bool = False) -> dict:
+        choice = {"index": 0, "finish_reason": finish}
+        if self.chat:
+            choice["delta" if chunk else "message"] = {"role": "assistant", "content": text}
+        else:
+            choice.update(text=text, logprobs=None)
+        if self.token_ids and tokens is not None:
+            choice["token_ids"] = tokens
+        return choice
+
+    def text(self, tokens: list[int]) -> str:
+        return self.tok.decode(tokens, skip_special_tokens=True)
+
+    def whole(self, tokens: list[int], max_new: int) -> dict:
+        finish = "length" if len(tokens) >= max_new and tokens[-1:] != [self.tok.eos_token_id] else "stop"
+        body = self._envelope(self._choice(self.text(tokens), finish, tokens))
+        body["usage"] = {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(tokens),
+                         "total_tokens": self.prompt_tokens + len(tokens)}
+        return body
+
+    async def stream(self, request: web.Request, tokens: asyncio.Queue, done: asyncio.Future) -> web.StreamResponse:
+        """Server-sent events: one chunk per new piece of text, then the finish reason and [DONE]."""
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        sent, said = [], ""
+        while True:
+            getter = asyncio.ensure_future(tokens.get())
+            await asyncio.wait([getter, done], return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                if tokens.empty():
+                    break
+                new = tokens.get_nowait()
+            else:
+                new = getter.result()
+            sent += new
+            text = self.text(sent)
+            if text.endswith("\ufffd"):                        # a character cut in the middle: wait for the rest
+                continue
+            await self._event(resp, self._choice(text[len(said):], None, new, chunk=True))
+            said = text
+        job = done.result()
+        if job.result.ok:
+            finish = "length" if len(job.result.tokens) >= job.max_new_tokens and \
+                job.result.tokens[-1:] != [self.tok.eos_token_id] else "stop"
+            await self._event(resp, self._choice(self.text(job.result.tokens)[len(said):], finish, None, chunk=True))
+        else:
+            await resp.write(f"data: {json.dumps({'error': {'message': job.result.error}})}\n\n".encode())
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def _event(self, resp: web.StreamResponse, choice: dict) -> None:
+        await resp.write(f"data: {json.dumps(self._envelope(choice, chunk=True))}\n\n".encode())
+
+
+async def models(request: web.Request) -> web.Response:
+    batcher, settings = request.app[BATCHER], request.app[SETTINGS]
+    names = [settings["backbone_name"]] + sorted(n for n in batcher.engine.tenants if n not in batcher.removing)
+    return web.json_response({"object": "list", "data": [
+        {"id": n, "object": "model", "owned_by": "papeft",
+         "method": batcher.engine.tenants[n].method if n in batcher.engine.tenants else "backbone"} for n in names]})
+
+
+async def tenants(request: web.Request) -> web.Response:
+    engine = request.app[BATCHER].engine
+    return web.json_response({"tenants": {n: {"method": t.method, "directory": str(t.directory)}
+                                          for n, t in sorted(engine.tenants.items())},
+                              "refused": dict(sorted(engine.refused.items()))})
+
+
+async def add_tenant(request: web.Request) -> web.Response:
+    batcher, settings = request.app[BATCHER], request.app[SETTINGS]
+    try:
+        body = await request.json()
+        name, path = body["name"], body["path"]
+        if not isinstance(name, str) or not name or name == settings["backbone_name"] or not isinstance(path, str):
+            raise ValueError
+    except (ValueError, KeyError, TypeError):
+        return error(400, "the body must be {'name': a new tenant name (not the backbone's), "
+                          "'path': its adapter directory under the tenants directory}")
+    root = settings["tenants_dir"]
+    if root is None:
+        return error(400, "this server was started without a tenants directory: it cannot load adapters")
+    directory = (root / path).resolve()
+    if not directory.is_relative_to(root):
+        return error(400, f"'path' must lie under the tenants directory {root}", "path")
+    loop = asyncio.get_running_loop()
+    try:                                                   # loading takes the batcher's lock: off the event loop
+        await loop.run_in_executor(None, batcher.add_tenant, name, directory)
+    except (TenantError, ValueError) as e:
+        return error(400, str(e), "path")
+    return web.json_response({"name": name, "method": batcher.engine.tenants[name].method}, status=201)
+
+
+async def remove_tenant(request: web.Request) -> web.Response:
+    batcher, name = request.app[BATCHER], request.match_info["name"]
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, batcher.remove_tenant, name)
+    except KeyError:
+        return error(404, f"tenant '{name}' is not loaded")
+    return web.json_response({"name": name, "removed": True})
+
+
+async def health(request: web.Request) -> web.Response:
+    b = request.app[BATCHER]
+    return web.json_response({"status": "ok", "waiting": len(b.waiting), "running": len(b.running),
+                              "iterations": b.iterations})
+
+
+def make_app(batcher: ContinuousBatcher, tokenizer, backbone_name: str, tenants_dir: str | Path | None = None,
+             chat_template: str = "auto", system_prompt: str | None = None, max_new_tokens: int = 512,
+             max_prompt_tokens: int = 2048, max_beams: int = 4, max_body_bytes: int = 1 << 20) -> web.Application:
+    """The aiohttp application; the batcher's worker thread starts and stops with it."""
+    app = web.Application(client_max_size=max_body_bytes)
+    app[BATCHER] = batcher
+    app[SETTINGS] = dict(tokenizer=tokenizer, backbone_name=backbone_name, chat_template=chat_template,
+                         system_prompt=system_prompt,
+                         tenants_dir=None if tenants_dir is None else Path(tenants_dir).resolve(),
+                         max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
+                         max_beams=min(max_beams, batcher.max_rows), closing=False)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", lambda r: completions(r, chat=True))
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/tenants", tenants)
+    app.router.add_post("/v1/tenants", add_tenant)
+    app.router.add_delete("/v1/tenants/{name}", remove_tenant)
+    app.router.add_get("/health", health)
+
+    async def lifecycle(app):
+        batcher.start()
+        yield
+        app[SETTINGS]["closing"] = True
+        await asyncio.get_running_loop().run_in_executor(None, batcher.stop)
+    app.cleanup_ctx.append(lifecycle)
+    return app
