@@ -42,9 +42,7 @@ from papeft.tasks.prompting import PromptFormatter
 from papeft.serving import MultiTenantEngine, Request
 from papeft.bench.tables import TARGETS_AT, check_targets, machine, notes, rerender, save_run, spread_pct
 from papeft.serving.memory import PeakMemory, TensorPeak, sync
-from papeft.serving.tenants import meta_skeleton
-from papeft.methods import build_method
-from papeft.paths import group_file
+from papeft.bench.tenants import random_adapter
 
 REPO = Path(__file__).resolve().parents[1]
 # PARADE Appendix F: the example instruction used for the efficiency analysis (Table 4)
@@ -102,19 +100,6 @@ def backbone_and_prompt(args) -> tuple[nn.Module, list[int], str]:
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = (tok.pad_token_id if tok is not None else None) or 0
     return model.eval(), ids, f"{name}-{args.device}-{str(model.dtype).removeprefix('torch.')}"
-
-
-def random_adapter(hf_config, method_yaml: str, seed: int, directory: Path) -> Path:
-    """A saved adapter with random weights of the method's shapes (built on a meta skeleton)."""
-    cfg = group_file("method", method_yaml)
-    adapted = build_method(meta_skeleton(hf_config), cfg)
-    g = torch.Generator().manual_seed(seed)
-    state = adapted.trainable_state_dict()
-    for name, p in state.items():
-        if ".act." not in name:                                      # keep PEDRO's rational at its init
-            state[name] = torch.randn(p.shape, generator=g) * 0.02 + (1.0 if name.endswith("up.bias") else 0.0)
-    adapted.load_trainable_state_dict(state)                         # meta parameters take the tensors
-    return adapted.save_adapter(directory)
 
 
 # ---- measurement ----------------------------------------------------------------

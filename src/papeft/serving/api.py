@@ -219,7 +219,7 @@ class Reply:
         """Server-sent events: one chunk per new piece of text, then the finish reason and [DONE]."""
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        sent, said = [], ""
+        sent, said, pending = [], "", []                   # pending: ids whose text is not out yet
         while True:
             getter = asyncio.ensure_future(tokens.get())
             await asyncio.wait([getter, done], return_when=asyncio.FIRST_COMPLETED)
@@ -231,16 +231,18 @@ class Reply:
             else:
                 new = getter.result()
             sent += new
+            pending += new
             text = self.text(sent)
             if text.endswith("\ufffd"):                        # a character cut in the middle: wait for the rest
                 continue
-            await self._event(resp, self._choice(text[len(said):], None, new, chunk=True))
-            said = text
+            await self._event(resp, self._choice(text[len(said):], None, pending, chunk=True))
+            said, pending = text, []
         job = done.result()
         if job.result.ok:
             finish = "length" if len(job.result.tokens) >= job.max_new_tokens and \
                 job.result.tokens[-1:] != [self.tok.eos_token_id] else "stop"
-            await self._event(resp, self._choice(self.text(job.result.tokens)[len(said):], finish, None, chunk=True))
+            await self._event(resp, self._choice(self.text(job.result.tokens)[len(said):], finish, pending,
+                                                 chunk=True))
         else:
             await resp.write(f"data: {json.dumps({'error': {'message': job.result.error}})}\n\n".encode())
         await resp.write(b"data: [DONE]\n\n")

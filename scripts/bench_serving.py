@@ -1,0 +1,271 @@
+"""Serving under load: throughput and latency against arrival rate, many tenants, one backbone.
+
+    python scripts/bench_serving.py                                         # SmolLM2-135M, the full grid (~1 h)
+    python scripts/bench_serving.py --settings 64:zipf --rates 1,2 --requests 20     # a quick look
+    python scripts/bench_serving.py --backbone tiny_llama --settings 4:zipf --rates 4 --requests 6 --tenants 4
+
+Each server is `python -m papeft.serving` in its own process on 127.0.0.1 (iteration-level
+batching, `--max-rows` rows): the bare backbone, PARADE, (IA)3, gathered (BGMV-style) LoRA and
+peft's mixed-batch LoRA, each with `--tenants` tenants of random adapter weights of its method's
+shapes (configs/method; speed does not depend on the values). Requests come from a fixed,
+seeded trace (papeft.bench.load): Poisson arrivals at each rate, tenants uniform or
+Zipf-skewed, prompts and answer lengths from the E2E test set (the chat template applied,
+answer length = the first reference's tokens, every server made to produce exactly that many).
+Per setting and rate the servers replay the same trace in turn, their order reversed at every
+rate. After the timed runs, a seeded sample of each run's answers is compared with the offline
+engine (`MultiTenantEngine.generate`, the request alone) in this process.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import random
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from papeft.backbone.loading import backbone_config, load_backbone
+from papeft.bench.load import make_trace, run_replay, summarise, sustained
+from papeft.bench.tables import machine, save_run
+from papeft.bench.tenants import random_adapter
+from papeft.serving import MultiTenantEngine, Request
+from papeft.tasks import get_task
+from papeft.tasks.prompting import PromptFormatter
+
+REPO = Path(__file__).resolve().parents[1]
+SERVERS = {"bare": (None, "gathered"), "parade": ("parade", "gathered"), "ia3": ("ia3", "gathered"),
+           "lora_gathered": ("lora", "gathered"), "lora_peft": ("lora", "peft")}   # name -> (method yaml, backend)
+COLUMNS = ["tenants", "popularity", "server", "offered_rps", "arrival_rps", "requests", "answered", "rejected",
+           "timed_out", "failed", "req_s", "tok_s", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms",
+           "checked", "mismatched"]
+
+
+def e2e_examples(tok, cfg: dict, data_root: str, max_answer: int) -> list[tuple[list[int], int]]:
+    """(prompt ids, answer tokens) of every E2E test MR: its prompt as served, its first reference's length."""
+    test = get_task("e2e").load({"name": "e2e"}, data_root).test
+    fmt = PromptFormatter(tok, cfg.get("chat_template", "auto"), cfg.get("system_prompt"))
+    return [(fmt.encode_prompt(ex.prompt), min(max_answer, len(tok(ex.response, add_special_tokens=False)
+                                                              ["input_ids"]) + 1)) for ex in test]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(name: str, args, tenants_dir: Path | None, log_dir: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "papeft.serving", "--backbone", args.backbone, "--port", str(port),
+           "--lora-backend", SERVERS[name][1], "--max-rows", str(args.max_rows), "--max-waiting",
+           str(args.max_waiting), "--device", args.device] + (["--tenants", str(tenants_dir)] if tenants_dir else [])
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    log = open(log_dir / f"{name}.log", "w")
+    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT), f"http://127.0.0.1:{port}"
+
+
+def wait_ready(proc: subprocess.Popen, url: str, name: str, log_dir: Path, timeout: float = 600) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise SystemExit(f"server {name} exited ({proc.returncode}): see {log_dir / (name + '.log')}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        time.sleep(0.5)
+    raise SystemExit(f"server {name} not ready after {timeout:.0f} s")
+
+
+def wait_idle(url: str, timeout: float = 120) -> None:
+    """Until the server has nothing waiting or running (a timed-out run's leftovers are cancelled)."""
+    end = time.time() + timeout
+    while time.time() < end:
+        h = httpx.get(f"{url}/health", timeout=5).json()
+        if h["waiting"] == 0 and h["running"] == 0:
+            return
+        time.sleep(0.2)
+
+
+def offline_engines(args, dirs: dict[str, Path]) -> dict[str, MultiTenantEngine]:
+    """The reference: each server's tenants in an in-process engine (peft's LoRA on its own backbone copy)."""
+    model, tok = load_backbone(backbone_config(args.backbone))
+    main = MultiTenantEngine(model.to(args.device), tokenizer=tok)
+    peft = MultiTenantEngine(copy.deepcopy(main.backbone), lora_backend="peft") if "lora_peft" in args.servers else None
+    engines = {}
+    for name in args.servers:
+        yaml, backend = SERVERS[name]
+        engines[name] = peft if backend == "peft" else main
+        for d in sorted(dirs[name].iterdir()) if yaml else []:
+            engines[name].add_tenant(f"{name}/{d.name}", d)
+    return engines
+
+
+def check_sample(engine: MultiTenantEngine, server: str, outcomes, k: int, seed: int) -> tuple[int, int]:
+    """(checked, mismatched): `k` answered requests of a run, regenerated alone by the offline engine."""
+    answered = [o for o in outcomes if o.ok]
+    sample = random.Random(seed).sample(answered, min(k, len(answered)))
+    bad = 0
+    for o in sample:
+        tenant = None if server == "bare" else f"{server}/{tenant_name(o.arrival.tenant)}"
+        n = o.arrival.answer_tokens
+        ref = engine.generate([Request(list(o.arrival.prompt), tenant)], max_new_tokens=n, min_new_tokens=n)[0]
+        bad += ref.tokens != o.tokens
+    return len(sample), bad
+
+
+def tenant_name(rank: int) -> str:
+    return f"t{rank:03d}"
+
+
+def targets(rows: list[dict], at: tuple[int, str]) -> list[str]:
+    """The issue's targets at (tenants, popularity); PASS / MISS with the measured ratio."""
+    mine = [r for r in rows if (r["tenants"], r["popularity"]) == at]
+    rate = {s: sustained([r for r in mine if r["server"] == s]) for s in {r["server"] for r in mine}}
+    out = [f"sustained rate (req/s, {at[0]} tenants {at[1]}): " + ", ".join(f"{s} {v:g}" for s, v in
+                                                                        sorted(rate.items()))]
+    p = rate.get("parade")
+    for other, bound in (("bare", 0.95), ("lora_gathered", 1.2)):
+        if p is None or other not in rate:
+            continue
+        ratio = p / rate[other] if rate[other] else float("inf") if p else float("nan")
+        out.append(f"{'PASS' if ratio >= bound else 'MISS'}  PARADE sustained rate vs {other}: {ratio:.3f}x "
+                   f"(target >= {bound})")
+    both = min(rate.get("parade", 0), rate.get("lora_gathered", 0))
+    worse = [(r["offered_rps"], r["e2e_p99_ms"], g["e2e_p99_ms"]) for r in mine if r["server"] == "parade"
+             for g in mine if g["server"] == "lora_gathered" and g["offered_rps"] == r["offered_rps"]
+             and r["offered_rps"] <= both and r["e2e_p99_ms"] > g["e2e_p99_ms"]]
+    if "parade" in rate and "lora_gathered" in rate:
+        out.append(f"{'PASS' if not worse else 'MISS'}  PARADE p99 latency <= gathered LoRA's at every rate both "
+                   f"sustain (<= {both:g} req/s)" + "".join(f"; at {r:g}: {a:.0f} vs {b:.0f} ms" for r, a, b in worse))
+    lost = sum(r["requests"] - r["answered"] for r in rows)
+    wrong = sum(r["mismatched"] for r in rows)
+    out.append(f"{'PASS' if not lost and not wrong else 'MISS'}  no request lost or answered wrongly: {lost} "
+               f"unanswered of {sum(r['requests'] for r in rows)}, {wrong} of {sum(r['checked'] for r in rows)} "
+               "checked answers differ from the offline engine")
+    return out
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    settings = sorted({(r["tenants"], r["popularity"]) for r in rows})
+    fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.6), squeeze=False, sharey=True)
+    for ax, (n, pop) in zip(axes[0], settings):
+        for server in SERVERS:
+            mine = sorted((r for r in rows if r["server"] == server and (r["tenants"], r["popularity"]) == (n, pop)),
+                          key=lambda r: r["offered_rps"])
+            if mine:
+                line, = ax.plot([r["offered_rps"] for r in mine], [r["e2e_p99_ms"] / 1e3 for r in mine], "o-",
+                                label=f"{server} p99")
+                ax.plot([r["offered_rps"] for r in mine], [r["e2e_p50_ms"] / 1e3 for r in mine], ":",
+                        color=line.get_color())
+        ax.set(title=f"{n} tenants, {pop}", xlabel="offered load (requests/s)", yscale="log")
+    axes[0][0].set_ylabel("end-to-end latency (s): p99 solid, p50 dotted")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130, metadata={"CreationDate": None} if path.suffix == ".pdf" else None)
+    plt.close(fig)
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backbone", default="smollm2_135m")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--servers", default=",".join(SERVERS))
+    ap.add_argument("--tenants", type=int, default=64, help="tenants loaded per server (the settings use the first N)")
+    ap.add_argument("--settings", default="64:zipf,8:zipf,64:uniform,8:uniform", help="tenants:popularity list")
+    ap.add_argument("--rates", default="0.5,1,2,3,4,5,6", help="offered requests per second")
+    ap.add_argument("--requests", type=int, default=60, help="requests per run (the trace's length)")
+    ap.add_argument("--drain", type=float, default=60.0, help="seconds after the last arrival before a run ends")
+    ap.add_argument("--max-answer", type=int, default=64, help="answer tokens at most (E2E's task budget)")
+    ap.add_argument("--max-rows", type=int, default=32)
+    ap.add_argument("--max-waiting", type=int, default=256)
+    ap.add_argument("--check", type=int, default=3, help="answers per run compared with the offline engine")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per server (0: torch's default)")
+    ap.add_argument("--data-root", default=os.environ.get("PAPEFT_DATA", str(REPO.parent / "shared" / "data")))
+    ap.add_argument("--out", default=str(REPO / "results/bench"))
+    args = ap.parse_args(argv)
+    args.servers = [s for s in args.servers.split(",") if s]
+    unknown = sorted(set(args.servers) - set(SERVERS))
+    if unknown:
+        ap.error(f"unknown server(s) {unknown}; known: {list(SERVERS)}")
+    args.rates = sorted(float(r) for r in args.rates.split(","))
+    args.settings = [(int(n), pop) for n, pop in (s.split(":") for s in args.settings.split(","))]
+    if any(n > args.tenants for n, _ in args.settings):
+        ap.error(f"a setting asks for more tenants than --tenants={args.tenants}")
+    return args
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    cfg = backbone_config(args.backbone)
+    model, tok = load_backbone(cfg)
+    examples = e2e_examples(tok, cfg, args.data_root, args.max_answer)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_serving-"))
+    dirs = {}
+    for name in args.servers:
+        yaml = SERVERS[name][0]
+        dirs[name] = tmp / name
+        for k in range(args.tenants if yaml else 0):
+            random_adapter(model.config, yaml, seed=k, directory=dirs[name] / tenant_name(k))
+    del model
+    procs = {name: start_server(name, args, dirs[name] if SERVERS[name][0] else None, tmp) for name in args.servers}
+    rows, kept = [], []
+    try:
+        for name, (proc, url) in procs.items():
+            wait_ready(proc, url, name, tmp)
+        for n, pop in args.settings:
+            for i, rate in enumerate(args.rates):
+                trace = make_trace(examples, args.requests, rate, n, pop, seed=args.seed)
+                for name in (args.servers if i % 2 == 0 else args.servers[::-1]):
+                    url = procs[name][1]
+                    model_of = (lambda k: args.backbone) if name == "bare" else tenant_name
+                    outcomes, wall = run_replay(url, trace, model_of, args.drain)
+                    wait_idle(url)
+                    rows.append({"tenants": n, "popularity": pop, "server": name, **summarise(outcomes, rate),
+                                 "checked": 0, "mismatched": 0})
+                    kept.append(outcomes)
+                    r = rows[-1]
+                    print(f"{n:>3} {pop:<8} {rate:>5g} req/s {name:<14} answered {r['answered']}/{r['requests']} "
+                          f"{r['tok_s']:7.1f} tok/s  ttft p50/p99 {r['ttft_p50_ms']:7.0f}/{r['ttft_p99_ms']:7.0f} ms"
+                          f"  e2e p50/p99 {r['e2e_p50_ms']:7.0f}/{r['e2e_p99_ms']:7.0f} ms  ({wall:.0f} s)", flush=True)
+    finally:
+        for proc, _ in procs.values():
+            proc.terminate()
+        for proc, _ in procs.values():
+            proc.wait(timeout=60)
+    engines = offline_engines(args, dirs)                                 # untimed: the servers are gone
+    for k, (row, outcomes) in enumerate(zip(rows, kept)):
+        row["checked"], row["mismatched"] = check_sample(engines[row["server"]], row["server"], outcomes,
+                                                         args.check, seed=args.seed + k)
+    label = f"{args.backbone}-{args.device}"
+    command = "python scripts/bench_serving.py" + "".join(" " + shlex.quote(a) for a in argv)
+    result = [t for setting in args.settings for t in targets(rows, setting)]
+    header = (f"Serving under load, {label}: iteration-level batching (max {args.max_rows} rows), {args.requests} "
+              f"requests per run, Poisson arrivals, E2E test prompts and answer lengths; servers replay the same "
+              f"seeded trace in turn.\nMade by `{command}` on {machine(args.device)}.\nsustained = the highest "
+              "offered rate up to which every request was answered and p99 end-to-end latency stayed within 3x its "
+              "p99 at the lowest rate.\n" + "\n".join(result))
+    stem = Path(args.out) / f"serving-{label}"
+    save_run(stem, rows, header, args, result, columns=COLUMNS, command=command)
+    plot(rows, stem.with_suffix(".png"), header.split("\n")[0])
+    print("\n".join(result + [f"wrote {stem}.{{md,csv,tex,json,png}}"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,158 @@
+"""A load generator for the served endpoint: a fixed, seeded trace replayed on the loopback address.
+
+A trace is `n` requests with Poisson arrivals at `rate` per second, each for a tenant drawn
+from a popularity law over `tenants` (uniform, or Zipf: P(rank k) ~ 1 / k^s) and an example
+(prompt ids, answer length) drawn from a task's test set. The unit-rate gaps, tenants and
+examples come from one seed, so the traces of one setting at different rates are the same
+requests, only closer together; every server replays the same trace.
+
+`replay` sends each request at its time (streamed completions with `min_tokens` =
+`max_tokens` = the answer length, so every server generates the same number of tokens),
+and records time to first token and end-to-end latency from the moment it was sent.
+Bounded: the trace has `n` requests, and a run ends `drain_s` after the last arrival;
+what has not finished by then is counted as timed out.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+import numpy as np
+
+POPULARITY = ("uniform", "zipf")
+
+
+@dataclass(frozen=True)
+class Arrival:
+    at: float                      # seconds after the run starts
+    tenant: int                    # popularity rank, 0 = most requested
+    prompt: tuple[int, ...]
+    answer_tokens: int
+
+
+@dataclass
+class Outcome:
+    arrival: Arrival
+    status: int = 0                # HTTP status; 0: no answer (timed out or connection failed)
+    sent: float = float("nan")     # seconds after the run starts
+    ttft_s: float = float("nan")
+    e2e_s: float = float("nan")
+    tokens: list[int] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200 and self.error is None and len(self.tokens) == self.arrival.answer_tokens
+
+
+def popularity(tenants: int, kind: str, zipf_s: float = 1.0) -> np.ndarray:
+    if kind not in POPULARITY:
+        raise ValueError(f"popularity '{kind}'; expected one of {POPULARITY}")
+    weights = np.ones(tenants) if kind == "uniform" else 1.0 / np.arange(1, tenants + 1) ** zipf_s
+    return weights / weights.sum()
+
+
+def make_trace(examples: list[tuple[list[int], int]], n: int, rate: float, tenants: int, kind: str,
+               seed: int = 0, zipf_s: float = 1.0) -> list[Arrival]:
+    """`n` arrivals at `rate` per second; `examples` are (prompt ids, answer length) pairs."""
+    if n < 1 or rate <= 0 or tenants < 1 or not examples:
+        raise ValueError(f"a trace needs n >= 1 ({n}), rate > 0 ({rate}), tenants >= 1 ({tenants}) and examples")
+    rng = np.random.default_rng(seed)
+    at = np.cumsum(rng.exponential(1.0, n)) / rate
+    who = rng.choice(tenants, size=n, p=popularity(tenants, kind, zipf_s))
+    pick = rng.integers(len(examples), size=n)
+    return [Arrival(float(t), int(k), tuple(examples[e][0]), int(examples[e][1])) for t, k, e in zip(at, who, pick)]
+
+
+async def _one(session: aiohttp.ClientSession, url: str, model: str, a: Arrival, start: float,
+               out: Outcome) -> None:
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(max(0.0, start + a.at - loop.time()))
+    sent = loop.time()
+    out.sent = sent - start
+    body = {"model": model, "prompt": list(a.prompt), "max_tokens": a.answer_tokens, "min_tokens": a.answer_tokens,
+            "stream": True, "return_token_ids": True}
+    try:
+        async with session.post(f"{url}/v1/completions", json=body) as resp:
+            out.status = resp.status
+            if resp.status != 200:
+                out.error = (await resp.text())[:300]
+                return
+            async for raw in resp.content:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    out.error = event["error"]["message"]
+                    continue
+                new = event["choices"][0].get("token_ids") or []
+                if new and out.ttft_s != out.ttft_s:
+                    out.ttft_s = loop.time() - sent
+                out.tokens += new
+        out.e2e_s = loop.time() - sent
+    except aiohttp.ClientError as e:
+        out.error = f"{type(e).__name__}: {e}"
+
+
+async def replay(url: str, trace: list[Arrival], model_of, drain_s: float = 60.0) -> list[Outcome]:
+    """Send every arrival at its time; `model_of(rank)` names its tenant. Unfinished at the end: status 0."""
+    outcomes = [Outcome(a) for a in trace]
+    connector = aiohttp.TCPConnector(limit=0)                          # one connection per request in flight
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+        start = asyncio.get_running_loop().time() + 0.05
+        tasks = [asyncio.ensure_future(_one(session, url, model_of(a.tenant), a, start, o))
+                 for a, o in zip(trace, outcomes)]
+        _, late = await asyncio.wait(tasks, timeout=trace[-1].at + drain_s + 0.05)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+    for o in outcomes:
+        if o.e2e_s != o.e2e_s and o.error is None:
+            o.status, o.error = 0, "timed out"
+    return outcomes
+
+
+def summarise(outcomes: list[Outcome], rate: float) -> dict:
+    """Throughput over the run (first send to last answer), latency percentiles over answered requests."""
+    ok = [o for o in outcomes if o.ok]
+    first = min((o.sent for o in outcomes if o.sent == o.sent), default=0.0)
+    last = max((o.sent + o.e2e_s for o in ok), default=first)
+    span = max(last - first, 1e-9)
+    pct = lambda xs, q: float(np.percentile(xs, q)) if xs else float("nan")     # noqa: E731
+    ttft, e2e = [o.ttft_s for o in ok], [o.e2e_s for o in ok]
+    arrivals = [o.arrival.at for o in outcomes]
+    return {"offered_rps": rate, "arrival_rps": (len(arrivals) - 1) / max(max(arrivals) - min(arrivals), 1e-9),
+            "requests": len(outcomes), "answered": len(ok),
+            "rejected": sum(o.status in (429, 503) for o in outcomes),
+            "timed_out": sum(o.error == "timed out" for o in outcomes),
+            "failed": sum(not o.ok and o.status not in (0, 429, 503) for o in outcomes),
+            "req_s": len(ok) / span, "tok_s": sum(len(o.tokens) for o in ok) / span,
+            "ttft_p50_ms": 1e3 * pct(ttft, 50), "ttft_p99_ms": 1e3 * pct(ttft, 99),
+            "e2e_p50_ms": 1e3 * pct(e2e, 50), "e2e_p99_ms": 1e3 * pct(e2e, 99)}
+
+
+def sustained(rows: list[dict], diverge: float = 3.0) -> float:
+    """The highest offered rate up to which every run of one server held: every request answered and
+    p99 end-to-end latency within `diverge` x its p99 at the lowest rate (past its capacity a queue
+    builds and latency grows with the run's length). 0.0 when even the lowest rate fails."""
+    rows = sorted(rows, key=lambda r: r["offered_rps"])
+    if not rows:
+        return 0.0
+    base, best = rows[0]["e2e_p99_ms"], 0.0
+    for r in rows:
+        held = r["answered"] == r["requests"] and r["e2e_p99_ms"] <= diverge * base
+        if not held:
+            break
+        best = r["offered_rps"]
+    return best
+
+
+def run_replay(url: str, trace: list[Arrival], model_of, drain_s: float = 60.0) -> tuple[list[Outcome], float]:
+    """`replay` from synchronous code; also returns the wall seconds it took."""
+    t0 = time.perf_counter()
+    outcomes = asyncio.run(replay(url, trace, model_of, drain_s))
+    return outcomes, time.perf_counter() - t0

@@ -1,0 +1,72 @@
+"""The load benchmark's parts: seeded traces, replay against a served endpoint, the sustained-rate rule
+and the targets (scripts/bench_serving.py)."""
+import numpy as np
+import pytest
+
+from papeft.bench.load import make_trace, popularity, run_replay, summarise, sustained
+from papeft.serving import MultiTenantEngine, Request
+from papeft.serving.api import make_app
+from papeft.serving.continuous import ContinuousBatcher
+from conftest import float64, load_script
+from test_engine import adapter, backbone, prompts
+from test_serving_api import char_tokenizer, serving
+
+EXAMPLES = [(p, 3 + k % 4) for k, p in enumerate(prompts(10, seed=2))]
+
+
+def test_traces_are_seeded_and_rates_only_compress_time():
+    slow, fast = (make_trace(EXAMPLES, 200, rate, 8, "zipf", seed=1) for rate in (1.0, 4.0))
+    assert [(a.tenant, a.prompt) for a in slow] == [(a.tenant, a.prompt) for a in fast]
+    assert np.allclose([a.at for a in slow], [4 * a.at for a in fast])
+    assert slow == make_trace(EXAMPLES, 200, 1.0, 8, "zipf", seed=1) != make_trace(EXAMPLES, 200, 1.0, 8, "zipf", 2)
+    assert 150 < slow[-1].at < 250                                   # ~n / rate
+    counts = np.bincount([a.tenant for a in make_trace(EXAMPLES, 4000, 1.0, 8, "zipf")], minlength=8)
+    assert counts[0] > 2.5 * counts[3] and np.allclose(counts / 4000, popularity(8, "zipf"), atol=0.03)
+    assert popularity(4, "uniform").tolist() == [0.25] * 4
+    with pytest.raises(ValueError, match="popularity 'pareto'"):
+        popularity(4, "pareto")
+
+
+def row(rate, p99, answered=10):
+    return {"offered_rps": rate, "requests": 10, "answered": answered, "e2e_p99_ms": p99}
+
+
+def test_sustained_rate_stops_where_p99_diverges_or_a_request_is_lost():
+    assert sustained([row(1, 100), row(2, 150), row(4, 290), row(8, 5000)]) == 4
+    assert sustained([row(1, 100), row(2, 150, answered=9), row(4, 120)]) == 1
+    assert sustained([row(1, 100, answered=0)]) == 0
+
+
+def test_targets_compare_parade_with_bare_and_gathered_lora():
+    bench = load_script("bench_serving")
+    rows = [{"tenants": 64, "popularity": "zipf", "server": s, **row(r, p), "checked": 2, "mismatched": 0}
+            for s, curve in {"bare": [100, 120, 900], "parade": [100, 130, 800],
+                             "lora_gathered": [100, 900, 900]}.items() for r, p in zip((1, 2, 4), curve)]
+    lines = bench.targets(rows, (64, "zipf"))
+    assert "PASS  PARADE sustained rate vs bare: 1.000x" in lines[1]
+    assert "PASS  PARADE sustained rate vs lora_gathered: 2.000x" in lines[2]
+    assert lines[3].startswith("PASS") and lines[4].startswith("PASS")
+    rows[3]["e2e_p99_ms"] = 150                                      # PARADE's p99 150 vs LoRA's 100 at 1 req/s
+    assert bench.targets(rows, (64, "zipf"))[3].startswith("MISS  PARADE p99 latency")
+    rows[0]["mismatched"] = 1
+    assert bench.targets(rows, (64, "zipf"))[-1].startswith("MISS  no request lost or answered wrongly")
+
+
+def test_replay_against_the_endpoint_answers_every_request_as_the_offline_engine(tmp_path):
+    with float64():
+        engine = MultiTenantEngine(backbone())
+        for k in range(3):
+            engine.add_tenant(f"t{k}", adapter(tmp_path, "parade", seed=k)[0])
+        app = make_app(ContinuousBatcher(engine, max_rows=4), char_tokenizer(), "tiny")
+        trace = make_trace(EXAMPLES, 12, 20.0, 3, "zipf", seed=3)
+        with serving(app) as url:
+            outcomes, wall = run_replay(url, trace, lambda k: f"t{k}", drain_s=60)
+    assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+    for o in outcomes:
+        assert 0 < o.ttft_s <= o.e2e_s < wall
+        n = o.arrival.answer_tokens
+        ref = engine.generate([Request(list(o.arrival.prompt), f"t{o.arrival.tenant}")], max_new_tokens=n,
+                              min_new_tokens=n)[0]
+        assert o.tokens == ref.tokens
+    s = summarise(outcomes, 20.0)
+    assert s["answered"] == 12 and s["tok_s"] > 0 and s["e2e_p50_ms"] <= s["e2e_p99_ms"]
