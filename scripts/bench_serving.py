@@ -137,7 +137,11 @@ def targets(rows: list[dict], at: tuple[int, str]) -> list[str]:
     for other, bound in (("bare", 0.95), ("lora_gathered", 1.2)):
         if p is None or other not in rate:
             continue
-        ratio = p / rate[other] if rate[other] else float("inf") if p else float("nan")
+        if not rate[other]:
+            out.append(f"n/a   PARADE sustained rate vs {other}: {other} sustained no rate tried (a lower one is "
+                       "needed to compare)")
+            continue
+        ratio = p / rate[other]
         out.append(f"{'PASS' if ratio >= bound else 'MISS'}  PARADE sustained rate vs {other}: {ratio:.3f}x "
                    f"(target >= {bound})")
     both = min(rate.get("parade", 0), rate.get("lora_gathered", 0))
@@ -233,7 +237,7 @@ def main(argv=None) -> int:
                 trace = make_trace(examples, args.requests, rate, n, pop, seed=args.seed)
                 for name in (args.servers if i % 2 == 0 else args.servers[::-1]):
                     url = procs[name][1]
-                    model_of = (lambda k: args.backbone) if name == "bare" else tenant_name
+                    model_of = (lambda k: Path(args.backbone).stem) if name == "bare" else tenant_name
                     outcomes, wall = run_replay(url, trace, model_of, args.drain)
                     wait_idle(url)
                     rows.append({"tenants": n, "popularity": pop, "server": name, **summarise(outcomes, rate),

@@ -76,6 +76,8 @@ def test_min_new_tokens_streaming_and_timestamps(engine):
 
 def test_bad_requests_fail_alone_and_the_queue_is_bounded(engine):
     batcher = ContinuousBatcher(engine, max_rows=4, max_waiting=3)
+    with pytest.raises(ValueError, match="max_waiting=0"):
+        ContinuousBatcher(engine, max_waiting=0)
     good = Job(Request(prompts(1)[0], "lora"), max_new_tokens=NEW)
     bad = [Job(Request([1, 2, 3], "nobody")), Job(Request([], "parade")), Job(Request([10 ** 6], None))]
     for job in [bad[0], good, bad[1]]:
@@ -155,3 +157,26 @@ def test_other_architectures_join_mid_decode(tmp_path, arch):
     staggered(ContinuousBatcher(engine, max_rows=5), jobs, every=2, group=3)
     for job in jobs:
         assert job.result.tokens == offline(engine, job.request, 1, new=job.max_new_tokens).tokens, job.request.tenant
+
+
+def test_a_failing_iteration_answers_its_jobs_and_the_worker_lives_on(engine, monkeypatch):
+    batcher = ContinuousBatcher(engine)
+    batcher.start()
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(batcher, "_decode", lambda: 1 / 0)
+            broken = batcher.submit(Job(Request(prompts(1, seed=9)[0], "parade"), max_new_tokens=NEW))
+            assert broken.wait(timeout=60)
+        assert broken.status == 500 and "ZeroDivisionError" in broken.result.error
+        later = batcher.submit(Job(Request(prompts(1, seed=9)[0], "parade"), max_new_tokens=NEW))
+        assert later.wait(timeout=60) and batcher.alive
+        assert later.result.tokens == offline(engine, later.request, 1).tokens
+    finally:
+        batcher.stop()
+
+
+def test_a_backbone_whose_generation_config_the_decoders_cannot_follow_is_refused():
+    m = backbone()
+    m.generation_config.repetition_penalty = 1.3
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        ContinuousBatcher(MultiTenantEngine(m))

@@ -2,6 +2,7 @@
 (httpx): answers equal the offline engine's, streaming equals the whole answer, errors carry a 4xx and the
 reason, the queue is bounded, tenants come and go while it serves."""
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import shutil
@@ -143,12 +144,25 @@ def test_out_of_vocabulary_token_ids_are_refused(server):
     assert r.status_code == 400 and "token ids must lie in [0, 97)" in r.json()["error"]["message"]
 
 
-def test_a_full_queue_answers_429():
+def test_a_full_queue_answers_429_and_the_waiting_request_is_served_after():
     with float64():
-        app = make_app(ContinuousBatcher(MultiTenantEngine(backbone()), max_waiting=0), char_tokenizer(), "tiny")
-    with serving(app) as url:
-        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "hi"}, timeout=30)
-    assert r.status_code == 429 and r.headers["retry-after"] == "1" and "max_waiting=0" in r.text
+        batcher = ContinuousBatcher(MultiTenantEngine(backbone()), max_waiting=1)
+        app = make_app(batcher, char_tokenizer(), "tiny")
+    with serving(app) as url, httpx.Client(base_url=url, timeout=60) as client, \
+            concurrent.futures.ThreadPoolExecutor(1) as pool:
+        batcher.lock.acquire()                               # no iteration can run: the first request waits
+        try:
+            first = pool.submit(client.post, "/v1/completions", json={"model": "tiny", "prompt": [5, 6],
+                                                                      "max_tokens": 3})
+            for _ in range(200):
+                if client.get("/health").json()["waiting"] == 1:
+                    break
+                time.sleep(0.05)
+            r = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi"})
+            assert r.status_code == 429 and r.headers["retry-after"] == "1" and "max_waiting=1" in r.text
+        finally:
+            batcher.lock.release()
+        assert first.result().status_code == 200
 
 
 def test_tenants_added_and_removed_over_http(server):

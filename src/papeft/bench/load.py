@@ -8,7 +8,9 @@ requests, only closer together; every server replays the same trace.
 
 `replay` sends each request at its time (streamed completions with `min_tokens` =
 `max_tokens` = the answer length, so every server generates the same number of tokens),
-and records time to first token and end-to-end latency from the moment it was sent.
+and records time to first token (the first streamed chunk with tokens: a token that ends
+in the middle of a character comes with the next) and end-to-end latency from the moment
+it was sent.
 Bounded: the trace has `n` requests, and a run ends `drain_s` after the last arrival;
 what has not finished by then is counted as timed out.
 """
@@ -129,7 +131,7 @@ def summarise(outcomes: list[Outcome], rate: float) -> dict:
             "requests": len(outcomes), "answered": len(ok),
             "rejected": sum(o.status in (429, 503) for o in outcomes),
             "timed_out": sum(o.error == "timed out" for o in outcomes),
-            "failed": sum(not o.ok and o.status not in (0, 429, 503) for o in outcomes),
+            "failed": sum(not o.ok and o.status not in (429, 503) and o.error != "timed out" for o in outcomes),
             "req_s": len(ok) / span, "tok_s": sum(len(o.tokens) for o in ok) / span,
             "ttft_p50_ms": 1e3 * pct(ttft, 50), "ttft_p99_ms": 1e3 * pct(ttft, 99),
             "e2e_p50_ms": 1e3 * pct(e2e, 50), "e2e_p99_ms": 1e3 * pct(e2e, 99)}

@@ -38,7 +38,8 @@ from papeft.tasks.prompting import PromptFormatter
 
 BATCHER, SETTINGS = web.AppKey("batcher", ContinuousBatcher), web.AppKey("settings", dict)
 UNSUPPORTED = {"stop": None, "logprobs": None, "echo": False, "suffix": None, "tools": None, "functions": None,
-               "logit_bias": None, "seed": None}
+               "logit_bias": None, "seed": None, "frequency_penalty": 0, "presence_penalty": 0, "best_of": 1,
+               "top_logprobs": None}
 
 
 class BadRequest(Exception):
@@ -84,6 +85,8 @@ def decoding(body: dict, settings: dict) -> dict:
     for key, default in UNSUPPORTED.items():
         if body.get(key, default) not in (default, None, [], False):
             raise BadRequest(400, f"'{key}' is not supported by this server", key)
+    if body.get("response_format") not in (None, {"type": "text"}):
+        raise BadRequest(400, "'response_format' other than text is not supported by this server", "response_format")
     return dict(max_new_tokens=max_tokens, num_beams=beams, min_new_tokens=min_tokens or None, stream=stream,
                 token_ids=_field(body, "return_token_ids", bool, False, expected="true or false"))
 
@@ -110,6 +113,8 @@ def prompt_ids(body: dict, chat: bool, settings: dict) -> list[int]:
         elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
                                                          for t in prompt):
             ids = prompt
+            if not all(0 <= t < settings["vocab"] for t in ids):
+                raise BadRequest(400, f"'prompt' token ids must lie in [0, {settings['vocab']})", "prompt")
         else:
             raise BadRequest(400, "'prompt' must be a non-empty string or a non-empty list of token ids "
                                   "(one prompt per request)", "prompt")
@@ -136,8 +141,8 @@ def tenant_of(body: dict, batcher: ContinuousBatcher, settings: dict) -> str | N
 async def completions(request: web.Request, chat: bool = False) -> web.StreamResponse:
     app = request.app
     batcher, settings = app[BATCHER], app[SETTINGS]
-    if settings["closing"]:
-        return error(503, "the server is shutting down")
+    if settings["closing"] or not batcher.alive:
+        return error(503, "the server is shutting down" if settings["closing"] else "the batcher is not running")
     try:
         body = await request.json()
     except (ValueError, UnicodeDecodeError) as e:
@@ -169,12 +174,16 @@ async def completions(request: web.Request, chat: bool = False) -> web.StreamRes
             return await reply.stream(request, tokens, done)
         await done
     except (asyncio.CancelledError, ConnectionResetError):
-        job.cancelled = True                               # its rows leave at the next step
+        batcher.cancel(job)                                # out of the queue now, or its rows leave at the next step
         raise
     result = job.result
     if not result.ok:
-        return error(404 if "unknown tenant" in result.error or "removed" in result.error else 400, result.error)
+        return error(job.status, result.error, "model" if job.status == 404 else None)
     return web.json_response(reply.whole(result.tokens, params["max_new_tokens"]))
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await completions(request, chat=True)
 
 
 def _resolve(future: asyncio.Future, job: Job) -> None:
@@ -222,9 +231,12 @@ class Reply:
         sent, said, pending = [], "", []                   # pending: ids whose text is not out yet
         while True:
             getter = asyncio.ensure_future(tokens.get())
-            await asyncio.wait([getter, done], return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
+            try:
+                await asyncio.wait([getter, done], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not getter.done():
+                    getter.cancel()
+            if not getter.done() or getter.cancelled():
                 if tokens.empty():
                     break
                 new = tokens.get_nowait()
@@ -255,17 +267,19 @@ class Reply:
 
 async def models(request: web.Request) -> web.Response:
     batcher, settings = request.app[BATCHER], request.app[SETTINGS]
-    names = [settings["backbone_name"]] + sorted(n for n in batcher.engine.tenants if n not in batcher.removing)
+    loaded = dict(batcher.engine.tenants)                  # a snapshot: tenants may be added meanwhile
+    names = [settings["backbone_name"]] + sorted(n for n in loaded if n not in batcher.removing)
     return web.json_response({"object": "list", "data": [
         {"id": n, "object": "model", "owned_by": "papeft",
-         "method": batcher.engine.tenants[n].method if n in batcher.engine.tenants else "backbone"} for n in names]})
+         "method": loaded[n].method if n in loaded else "backbone"} for n in names]})
 
 
 async def tenants(request: web.Request) -> web.Response:
     engine = request.app[BATCHER].engine
+    loaded, refused = dict(engine.tenants), dict(engine.refused)          # snapshots
     return web.json_response({"tenants": {n: {"method": t.method, "directory": str(t.directory)}
-                                          for n, t in sorted(engine.tenants.items())},
-                              "refused": dict(sorted(engine.refused.items()))})
+                                          for n, t in sorted(loaded.items())},
+                              "refused": dict(sorted(refused.items()))})
 
 
 async def add_tenant(request: web.Request) -> web.Response:
@@ -317,19 +331,23 @@ def make_app(batcher: ContinuousBatcher, tokenizer, backbone_name: str, tenants_
                          system_prompt=system_prompt,
                          tenants_dir=None if tenants_dir is None else Path(tenants_dir).resolve(),
                          max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
-                         max_beams=min(max_beams, batcher.max_rows), closing=False)
+                         max_beams=min(max_beams, batcher.max_rows), closing=False,
+                         vocab=batcher.engine.backbone.get_input_embeddings().num_embeddings)
     app.router.add_post("/v1/completions", completions)
-    app.router.add_post("/v1/chat/completions", lambda r: completions(r, chat=True))
+    app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/tenants", tenants)
     app.router.add_post("/v1/tenants", add_tenant)
     app.router.add_delete("/v1/tenants/{name}", remove_tenant)
     app.router.add_get("/health", health)
 
+    async def closing(app):                                # before the handlers are waited for: new ones get 503
+        app[SETTINGS]["closing"] = True
+
     async def lifecycle(app):
         batcher.start()
         yield
-        app[SETTINGS]["closing"] = True
         await asyncio.get_running_loop().run_in_executor(None, batcher.stop)
+    app.on_shutdown.append(closing)
     app.cleanup_ctx.append(lifecycle)
     return app

@@ -40,6 +40,13 @@ from papeft.serving.running_batch import RunningBatch
 log = logging.getLogger(__name__)
 
 
+# generation_config settings that would change what generate() picks (default: no effect); the decoders do not apply them
+UNSERVED_GENERATION = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
+                       "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
+                       "forced_eos_token_id": None, "sequence_bias": None, "encoder_repetition_penalty": 1.0,
+                       "exponential_decay_length_penalty": None, "min_length": 0, "diversity_penalty": 0.0}
+
+
 class QueueFull(Exception):
     """The waiting queue holds `max_waiting` jobs: the caller should retry later (HTTP 429)."""
 
@@ -57,6 +64,7 @@ class Job:
     first_token_at: float | None = None
     finished_at: float | None = None
     cancelled: bool = False
+    status: int = 0                                         # 200 answered; else the HTTP status of its error
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
@@ -70,10 +78,15 @@ class Job:
 class ContinuousBatcher:
     def __init__(self, engine: MultiTenantEngine, max_rows: int = 32, max_waiting: int = 256,
                  max_prefill_rows: int = 8):
-        if max_rows < 1 or max_waiting < 0 or max_prefill_rows < 1:
-            raise ValueError(f"max_rows={max_rows} and max_prefill_rows={max_prefill_rows} must be >= 1, "
-                             f"max_waiting={max_waiting} >= 0")
+        if min(max_rows, max_waiting, max_prefill_rows) < 1:
+            raise ValueError(f"max_rows={max_rows}, max_waiting={max_waiting} and max_prefill_rows={max_prefill_rows} "
+                             "must be >= 1")
         gen = engine.backbone.generation_config
+        changed = {k: getattr(gen, k, None) for k in UNSERVED_GENERATION
+                   if getattr(gen, k, None) not in (None, UNSERVED_GENERATION[k], [], {})}
+        if changed:
+            raise ValueError(f"the backbone's generation_config sets {changed}: the batcher's decoders apply only "
+                             "min_new_tokens, so its answers would differ from generate()'s")
         self.length_penalty = gen.length_penalty if gen.length_penalty is not None else 1.0
         self.early_stopping = gen.early_stopping if gen.early_stopping is not None else False
         self.engine, self.max_rows, self.max_waiting, self.max_prefill_rows = engine, max_rows, max_waiting, \
@@ -106,12 +119,30 @@ class ContinuousBatcher:
             self.queue.notify()
         return job
 
+    def cancel(self, job: Job) -> None:
+        """The caller is gone: a waiting job leaves the queue now, a running one at the next step."""
+        job.cancelled = True
+        with self.queue:
+            if job in self.waiting:
+                self.waiting.remove(job)
+            else:
+                return
+        self._finish(job, Result(job.request.tenant, None, "cancelled"), 499)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def pending(self) -> int:
         """Jobs waiting or running."""
         return len(self.waiting) + len(self.running)
 
-    def _finish(self, job: Job, result: Result) -> None:
-        job.result, job.finished_at = result, time.perf_counter()
+    def _finish(self, job: Job, result: Result, status: int = 200) -> None:
+        """Answer a job (once): `status` says what kind of failure an error is (404 tenant, 400 request,
+        499 cancelled, 500 server, 503 stopped)."""
+        if job._done.is_set():
+            return
+        job.result, job.finished_at, job.status = result, time.perf_counter(), status
         if job.on_done is not None:
             try:
                 job.on_done(job)
@@ -134,11 +165,18 @@ class ContinuousBatcher:
         """One iteration (admit + prefill, then one decode step); returns whether work remains."""
         with self.lock:
             newcomers = self._admit()
-            if newcomers:
-                self._join(newcomers)
-            if self.running:
-                self._decode()
-            self._drop_removed_tenants()
+            try:
+                if newcomers:
+                    self._join(newcomers)
+                if self.running:
+                    self._decode()
+                self._drop_removed_tenants()
+            except Exception as e:  # noqa: BLE001  (whatever failed, every job in hand is answered and the loop lives)
+                log.exception("iteration failed")
+                for job in newcomers + self.running:
+                    self._finish(job, Result(job.request.tenant, None, f"internal error: {type(e).__name__}: {e}"),
+                                 500)
+                self.running, self.batch, self.next_tokens, self.decoders = [], None, [], {}
             self.iterations += 1
             return bool(self.waiting or self.running)
 
@@ -150,7 +188,7 @@ class ContinuousBatcher:
                 job = self.waiting[0]
                 if job.cancelled:
                     self.waiting.popleft()
-                    self._finish(job, Result(job.request.tenant, None, "cancelled"))
+                    self._finish(job, Result(job.request.tenant, None, "cancelled"), 499)
                     continue
                 if rows + job.rows > self.max_rows:
                     break
@@ -171,7 +209,9 @@ class ContinuousBatcher:
         for job in jobs:
             tenant, soft, err = self.engine.check(job.request)
             if err is not None or job.request.tenant in self.removing:
-                self._finish(job, Result(job.request.tenant, None, err or f"tenant '{job.request.tenant}' removed"))
+                tenant_error = err is None or err.startswith(("unknown tenant", "tenant '"))
+                self._finish(job, Result(job.request.tenant, None, err or f"tenant '{job.request.tenant}' removed"),
+                             404 if tenant_error else 400)
                 continue
             valid.append(job)
             rows.append((torch.as_tensor(job.request.input_ids), tenant, soft))
@@ -182,7 +222,7 @@ class ContinuousBatcher:
         except Exception as e:  # noqa: BLE001  (a failed prefill fails its jobs, never the running ones)
             log.exception("prefill failed")
             for job in valid:
-                self._finish(job, Result(job.request.tenant, None, f"prefill failed: {type(e).__name__}: {e}"))
+                self._finish(job, Result(job.request.tenant, None, f"prefill failed: {type(e).__name__}: {e}"), 500)
             return
         keep, tokens = [], []
         for p, job in enumerate(valid):
@@ -212,7 +252,7 @@ class ContinuousBatcher:
         except Exception as e:  # noqa: BLE001
             log.exception("decode step failed")
             for job in self.running:
-                self._finish(job, Result(job.request.tenant, None, f"decode failed: {type(e).__name__}: {e}"))
+                self._finish(job, Result(job.request.tenant, None, f"decode failed: {type(e).__name__}: {e}"), 500)
             self.running, self.batch, self.next_tokens, self.decoders = [], None, [], {}
             return
         keep, tokens, still, offset = [], [], [], 0
@@ -237,7 +277,7 @@ class ContinuousBatcher:
     def _complete(self, job: Job, decoder) -> None:
         self.decoders.pop(id(job), None)
         if job.cancelled:
-            self._finish(job, Result(job.request.tenant, None, "cancelled"))
+            self._finish(job, Result(job.request.tenant, None, "cancelled"), 499)
             return
         tokens, score = decoder.result()
         self._finish(job, Result(job.request.tenant, self.engine.trim(tokens), score=score))
@@ -264,7 +304,7 @@ class ContinuousBatcher:
                 for job in gone:
                     self.waiting.remove(job)
             for job in gone:
-                self._finish(job, Result(name, None, f"tenant '{name}' removed"))
+                self._finish(job, Result(name, None, f"tenant '{name}' removed"), 404)
             self._drop_removed_tenants()
 
     def _drop_removed_tenants(self) -> None:
@@ -298,7 +338,7 @@ class ContinuousBatcher:
                 left, self.waiting = list(self.waiting) + self.running, collections.deque()
             self.running, self.batch, self.next_tokens, self.decoders = [], None, [], {}
             for job in left:
-                self._finish(job, Result(job.request.tenant, None, "the server stopped"))
+                self._finish(job, Result(job.request.tenant, None, "the server stopped"), 503)
 
     def _loop(self) -> None:
         while True:

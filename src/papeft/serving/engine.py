@@ -199,7 +199,10 @@ class MultiTenantEngine:
                 return None, None, (f"tenant '{r.tenant}' was refused: {why}" if why else
                                     f"unknown tenant '{r.tenant}'; loaded: {sorted(self.tenants)}")
             tenant = self.tenants[r.tenant]
-        ids = torch.as_tensor(r.input_ids)
+        try:
+            ids = torch.as_tensor(r.input_ids)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+            return None, None, f"input_ids must be token ids: {type(e).__name__}: {e}"
         vocab = self.backbone.get_input_embeddings().num_embeddings
         if ids.dim() != 1 or ids.numel() == 0 or ids.is_floating_point():
             return None, None, f"input_ids must be a non-empty 1-d list of token ids, got shape {tuple(ids.shape)}"
