@@ -165,6 +165,24 @@ def test_a_full_queue_answers_429_and_the_waiting_request_is_served_after():
         assert first.result().status_code == 200
 
 
+def test_a_client_that_disconnects_takes_its_request_out_of_the_queue():
+    with float64():
+        batcher = ContinuousBatcher(MultiTenantEngine(backbone()), max_waiting=4)
+        app = make_app(batcher, char_tokenizer(), "tiny")
+    with serving(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        batcher.lock.acquire()                               # the request can only wait
+        try:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": [5, 6]}, timeout=0.5)
+            for _ in range(200):
+                if client.get("/health").json()["waiting"] == 0:
+                    break
+                time.sleep(0.05)
+            assert client.get("/health").json()["waiting"] == 0    # gone before any iteration ran
+        finally:
+            batcher.lock.release()
+
+
 def test_tenants_added_and_removed_over_http(server):
     url, engine, root = server
     d = adapter(root, "ia3", seed=77)[0]

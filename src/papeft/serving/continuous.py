@@ -36,6 +36,7 @@ import torch
 from papeft.serving.decoding import BeamDecoder, GreedyDecoder
 from papeft.serving.engine import MultiTenantEngine, Request, Result
 from papeft.serving.running_batch import RunningBatch
+from papeft.serving.tenants import TenantError, load_tenant
 
 log = logging.getLogger(__name__)
 
@@ -284,13 +285,20 @@ class ContinuousBatcher:
 
     # ---- tenants --------------------------------------------------------------
     def add_tenant(self, name: str, directory) -> None:
-        """Load a tenant between iterations (TenantError if refused)."""
+        """Read an adapter while the batch runs, then place and probe it between iterations (TenantError
+        if refused, remembered in `engine.refused`)."""
+        e = self.engine
+        try:
+            loaded = load_tenant(name, directory, e.backbone, e.tokenizer)
+        except TenantError as err:
+            e.refused[name] = str(err)
+            raise
         with self.lock:
             if name in self.removing:
                 self._drop_removed_tenants()
                 if name in self.removing:
                     raise ValueError(f"tenant '{name}' is still being removed: its running requests finish first")
-            self.engine.add_tenant(name, directory)
+            e.add_tenant(name, directory, loaded)
 
     def remove_tenant(self, name: str) -> None:
         """New jobs of `name` are refused at once, its waiting ones answered with an error; its running

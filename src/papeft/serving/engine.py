@@ -107,12 +107,14 @@ class MultiTenantEngine:
         self.pad = pad if 0 <= pad < backbone.get_input_embeddings().num_embeddings else 0   # masked anyway
 
     # ---- registry -------------------------------------------------------------
-    def add_tenant(self, name: str, directory: str | Path) -> Tenant:
-        """Load a tenant next to the loaded ones; raises TenantError (and remembers it) if refused."""
+    def add_tenant(self, name: str, directory: str | Path, loaded: Tenant | None = None) -> Tenant:
+        """Load a tenant next to the loaded ones; raises TenantError (and remembers it) if refused.
+        `loaded`: the tenant already read by `load_tenant` (which touches no engine state, so a server
+        reads the adapter while its batch runs and only places and probes it between iterations)."""
         if name in self.tenants:
             raise TenantError(f"tenant '{name}' is already loaded; remove it first")
         try:
-            tenant = load_tenant(name, directory, self.backbone, self.tokenizer)
+            tenant = loaded or load_tenant(name, directory, self.backbone, self.tokenizer)
             try:
                 self._place(name, tenant.form)
             except TenantError:
