@@ -42,6 +42,7 @@ from papeft.tasks import get_task
 from papeft.tasks.prompting import PromptFormatter
 
 REPO = Path(__file__).resolve().parents[1]
+AUTO_FRACTIONS = (0.25, 0.5, 0.7, 0.85, 1.0, 1.15, 1.3)
 SERVERS = {"bare": (None, "gathered"), "parade": ("parade", "gathered"), "ia3": ("ia3", "gathered"),
            "lora_gathered": ("lora", "gathered"), "lora_peft": ("lora", "peft")}   # name -> (method yaml, backend)
 COLUMNS = ["tenants", "popularity", "server", "offered_rps", "arrival_rps", "requests", "answered", "rejected",
@@ -108,6 +109,16 @@ def offline_engines(args, dirs: dict[str, Path]) -> dict[str, MultiTenantEngine]
         for d in sorted(dirs[name].iterdir()) if yaml else []:
             engines[name].add_tenant(f"{name}/{d.name}", d)
     return engines
+
+
+def probe_rates(url: str, examples, model: str, args) -> tuple[list[float], float]:
+    """(rates, saturated req/s): every probe request arrives at once; the grid is fractions of what was served."""
+    trace = make_trace(examples, args.probe_requests, 1e4, 1, "uniform", seed=args.seed + 1)
+    outcomes, _ = run_replay(url, trace, lambda k: model, args.drain)
+    capacity = summarise(outcomes, 1e4)["req_s"]
+    if not capacity > 0:
+        raise SystemExit("the saturation probe got no answer: see the bare server's log")
+    return [round(f * capacity, 2) for f in AUTO_FRACTIONS], capacity
 
 
 def check_sample(engine: MultiTenantEngine, server: str, outcomes, k: int, seed: int) -> tuple[int, int]:
@@ -190,7 +201,9 @@ def parse_args(argv):
     ap.add_argument("--servers", default=",".join(SERVERS))
     ap.add_argument("--tenants", type=int, default=64, help="tenants loaded per server (the settings use the first N)")
     ap.add_argument("--settings", default="64:zipf,8:zipf,64:uniform,8:uniform", help="tenants:popularity list")
-    ap.add_argument("--rates", default="0.5,1,2,3,4,5,6", help="offered requests per second")
+    ap.add_argument("--rates", default="auto", help="offered requests per second (comma list), or auto: fractions "
+                    f"{AUTO_FRACTIONS} of the bare server's saturated throughput, probed first")
+    ap.add_argument("--probe-requests", type=int, default=64, help="requests of the saturation probe (--rates auto)")
     ap.add_argument("--requests", type=int, default=60, help="requests per run (the trace's length)")
     ap.add_argument("--drain", type=float, default=60.0, help="seconds after the last arrival before a run ends")
     ap.add_argument("--max-answer", type=int, default=64, help="answer tokens at most (E2E's task budget)")
@@ -206,7 +219,7 @@ def parse_args(argv):
     unknown = sorted(set(args.servers) - set(SERVERS))
     if unknown:
         ap.error(f"unknown server(s) {unknown}; known: {list(SERVERS)}")
-    args.rates = sorted(float(r) for r in args.rates.split(","))
+    args.rates = None if args.rates == "auto" else sorted(float(r) for r in args.rates.split(","))
     args.settings = [(int(n), pop) for n, pop in (s.split(":") for s in args.settings.split(","))]
     if any(n > args.tenants for n, _ in args.settings):
         ap.error(f"a setting asks for more tenants than --tenants={args.tenants}")
@@ -232,6 +245,14 @@ def main(argv=None) -> int:
     try:
         for name, (proc, url) in procs.items():
             wait_ready(proc, url, name, tmp)
+        probed = None
+        if args.rates is None:
+            reference = "bare" if "bare" in procs else args.servers[0]
+            args.rates, probed = probe_rates(procs[reference][1], examples, Path(args.backbone).stem
+                                             if reference == "bare" else tenant_name(0), args)
+            wait_idle(procs[reference][1])
+            print(f"# saturation probe ({reference}, {args.probe_requests} requests at once): {probed:.2f} req/s; "
+                  f"rates {args.rates}", flush=True)
         for n, pop in args.settings:
             for i, rate in enumerate(args.rates):
                 trace = make_trace(examples, args.requests, rate, n, pop, seed=args.seed)
@@ -259,14 +280,17 @@ def main(argv=None) -> int:
     label = f"{args.backbone}-{args.device}"
     command = "python scripts/bench_serving.py" + "".join(" " + shlex.quote(a) for a in argv)
     result = [t for setting in args.settings for t in targets(rows, setting)]
+    grid = (f"rates {args.rates} req/s = {AUTO_FRACTIONS} x the bare server's saturated throughput "
+            f"({probed:.2f} req/s, {args.probe_requests} requests at once)" if probed else f"rates {args.rates} req/s")
     header = (f"Serving under load, {label}: iteration-level batching (max {args.max_rows} rows), {args.requests} "
               f"requests per run, Poisson arrivals, E2E test prompts and answer lengths; servers replay the same "
-              f"seeded trace in turn.\nMade by `{command}` on {machine(args.device)}.\nsustained = the highest "
+              f"seeded trace in turn; {grid}; server torch threads {args.threads or 'default'}.\n"
+              f"Made by `{command}` on {machine(args.device)} (this process).\nsustained = the highest "
               "offered rate up to which every request was answered and p99 end-to-end latency stayed within 3x its "
               "p99 at the lowest rate.\n" + "\n".join(result))
     stem = Path(args.out) / f"serving-{label}"
     save_run(stem, rows, header, args, result, columns=COLUMNS, command=command)
-    plot(rows, stem.with_suffix(".png"), header.split("\n")[0])
+    plot(rows, stem.with_suffix(".png"), f"Serving under load, {label}, {machine(args.device).split(',')[0]}")
     print("\n".join(result + [f"wrote {stem}.{{md,csv,tex,json,png}}"]))
     return 0
 

@@ -41,7 +41,8 @@ from papeft.serving.tenants import TenantError, load_tenant
 log = logging.getLogger(__name__)
 
 
-# generation_config settings that would change what generate() picks (default: no effect); the decoders do not apply them
+# generation_config settings that would change what generate() picks (default: no effect); the decoders
+# do not apply them, so a backbone that sets one is refused
 UNSERVED_GENERATION = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
                        "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
                        "forced_eos_token_id": None, "sequence_bias": None, "encoder_repetition_penalty": 1.0,
