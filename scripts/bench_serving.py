@@ -33,7 +33,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from papeft.backbone.loading import backbone_config, load_backbone
+from papeft.backbone.loading import DTYPES, backbone_config, load_backbone, load_random_weights
 from papeft.bench.load import make_trace, run_replay, summarise, sustained
 from papeft.bench.tables import machine, save_run
 from papeft.bench.tenants import random_adapter
@@ -58,6 +58,14 @@ def e2e_examples(tok, cfg: dict, data_root: str, max_answer: int) -> list[tuple[
                                                               ["input_ids"]) + 1)) for ex in test]
 
 
+def backbone(args):
+    """(model, tokenizer) as the servers load it: the weights, or `--random-weights` of its shape."""
+    cfg = backbone_config(args.backbone)
+    if args.dtype:
+        cfg["dtype"] = args.dtype
+    return load_random_weights(cfg) if args.random_weights else load_backbone(cfg)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -69,6 +77,7 @@ def start_server(name: str, args, tenants_dir: Path | None, log_dir: Path) -> tu
     cmd = [sys.executable, "-m", "papeft.serving", "--backbone", args.backbone, "--port", str(port),
            "--lora-backend", SERVERS[name][1], "--max-rows", str(args.max_rows), "--max-waiting",
            str(args.max_waiting), "--device", args.device] + (["--tenants", str(tenants_dir)] if tenants_dir else [])
+    cmd += (["--random-weights"] if args.random_weights else []) + (["--dtype", args.dtype] if args.dtype else [])
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     log = open(log_dir / f"{name}.log", "w")
@@ -99,7 +108,7 @@ def wait_idle(url: str, timeout: float = 120) -> None:
 
 def offline_engines(args, dirs: dict[str, Path]) -> dict[str, MultiTenantEngine]:
     """The reference: each server's tenants in an in-process engine (peft's LoRA on its own backbone copy)."""
-    model, tok = load_backbone(backbone_config(args.backbone))
+    model, tok = backbone(args)
     main = MultiTenantEngine(model.to(args.device), tokenizer=tok)
     peft = MultiTenantEngine(copy.deepcopy(main.backbone), lora_backend="peft") if "lora_peft" in args.servers else None
     engines = {}
@@ -198,6 +207,9 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backbone", default="smollm2_135m")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--random-weights", action="store_true", help="the backbone's published shape with random "
+                    "weights (e.g. --backbone llama2_7b --dtype bfloat16 on a GPU)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), help="default: the backbone config's")
     ap.add_argument("--servers", default=",".join(SERVERS))
     ap.add_argument("--tenants", type=int, default=64, help="tenants loaded per server (the settings use the first N)")
     ap.add_argument("--settings", default="64:zipf,8:zipf,64:uniform,8:uniform", help="tenants:popularity list")
@@ -211,6 +223,7 @@ def parse_args(argv):
     ap.add_argument("--max-waiting", type=int, default=256)
     ap.add_argument("--check", type=int, default=3, help="answers per run compared with the offline engine")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--warmup", type=int, default=4, help="untimed requests per server before the runs")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per server (0: torch's default)")
     ap.add_argument("--data-root", default=os.environ.get("PAPEFT_DATA", str(REPO.parent / "shared" / "data")))
     ap.add_argument("--out", default=str(REPO / "results/bench"))
@@ -230,8 +243,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     cfg = backbone_config(args.backbone)
-    model, tok = load_backbone(cfg)
-    examples = e2e_examples(tok, cfg, args.data_root, args.max_answer)
+    model, tok = backbone(args)
+    vocab = model.config.vocab_size                                      # a random paper shape may be smaller
+    examples = [([t % vocab for t in ids], n) for ids, n in e2e_examples(tok, cfg, args.data_root, args.max_answer)]
     tmp = Path(tempfile.mkdtemp(prefix="bench_serving-"))
     dirs = {}
     for name in args.servers:
@@ -245,6 +259,10 @@ def main(argv=None) -> int:
     try:
         for name, (proc, url) in procs.items():
             wait_ready(proc, url, name, tmp)
+        for name, (_, url) in procs.items():                             # first calls are slow: not timed
+            warm = make_trace(examples, args.warmup, 1e4, min(args.tenants, args.warmup) or 1, "uniform", seed=99)
+            run_replay(url, warm, (lambda k: Path(args.backbone).stem) if name == "bare" else tenant_name, args.drain)
+            wait_idle(url)
         probed = None
         if args.rates is None:
             reference = "bare" if "bare" in procs else args.servers[0]
@@ -277,14 +295,16 @@ def main(argv=None) -> int:
     for k, (row, outcomes) in enumerate(zip(rows, kept)):
         row["checked"], row["mismatched"] = check_sample(engines[row["server"]], row["server"], outcomes,
                                                          args.check, seed=args.seed + k)
-    label = f"{args.backbone}-{args.device}"
+    label = f"{args.backbone}-{args.device}" + ("-random" if args.random_weights else "") + \
+        (f"-{args.dtype}" if args.dtype else "")
     command = "python scripts/bench_serving.py" + "".join(" " + shlex.quote(a) for a in argv)
     result = [t for setting in args.settings for t in targets(rows, setting)]
     grid = (f"rates {args.rates} req/s = {AUTO_FRACTIONS} x the bare server's saturated throughput "
             f"({probed:.2f} req/s, {args.probe_requests} requests at once)" if probed else f"rates {args.rates} req/s")
+    weights = "random weights (seed 0), prompt ids modulo the vocabulary; " if args.random_weights else ""
     header = (f"Serving under load, {label}: iteration-level batching (max {args.max_rows} rows), {args.requests} "
               f"requests per run, Poisson arrivals, E2E test prompts and answer lengths; servers replay the same "
-              f"seeded trace in turn; {grid}; server torch threads {args.threads or 'default'}.\n"
+              f"seeded trace in turn; {grid}; {weights}server torch threads {args.threads or 'default'}.\n"
               f"Made by `{command}` on {machine(args.device)} (this process).\nsustained = the highest "
               "offered rate up to which every request was answered and p99 end-to-end latency stayed within 3x its "
               "p99 at the lowest rate.\n" + "\n".join(result))

@@ -107,3 +107,15 @@ def test_readme_method_table_is_what_the_script_counts(method, cells):
 
 def test_readme_table_lists_every_method():
     assert set(readme_method_rows()) == {p.stem for p in (REPO / "configs/method").glob("*.yaml")}
+
+
+def test_random_weights_of_a_shipped_shape_are_the_same_in_every_process():
+    """The serving benchmark's `--random-weights`: a server and the reference engine draw the same weights."""
+    from papeft.backbone.loading import load_random_weights
+    cfg = {"name": "small", "dtype": "float32", "shape": {"model_type": "llama", "vocab_size": 97, "hidden_size": 16,
+                                                          "intermediate_size": 32, "num_hidden_layers": 2,
+                                                          "num_attention_heads": 2, "num_key_value_heads": 1}}
+    (a, tok), (b, _) = load_random_weights(cfg), load_random_weights(cfg)
+    assert a.config.num_hidden_layers == 2 and a.config.vocab_size == 97 and len(tok) > 97
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(a.lm_head.weight, load_random_weights(cfg, seed=1)[0].lm_head.weight)

@@ -142,6 +142,19 @@ def architecture_config(cfg: dict) -> PretrainedConfig:
         raise ValueError(f"backbone '{name}': `shape:` is not a valid transformers config: {err}") from err
 
 
+def load_random_weights(cfg: dict, seed: int = 0):
+    """(model, tokenizer): the backbone's published architecture (`architecture_config`) with random
+    weights drawn from `seed` (on the CPU, so every process draws the same), and the default backbone's
+    tokenizer (a paper backbone's own needs the hub): speed at the paper's scale without its weights."""
+    config = architecture_config(cfg)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=_dtype(cfg))
+    tok = load_tokenizer(backbone_config("smollm2_135m"))
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = model.config.pad_token_id or 0
+    return model.eval(), tok
+
+
 def load_backbone(cfg: dict):
     """(model, tokenizer) for a backbone config group entry; the model is in eval mode."""
     cfg = dict(cfg)

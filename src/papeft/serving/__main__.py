@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from aiohttp import web
 
-from papeft.backbone.loading import DTYPES, backbone_config, load_backbone
+from papeft.backbone.loading import DTYPES, backbone_config, load_backbone, load_random_weights
 from papeft.methods.base import ADAPTER_CONFIG
 from papeft.serving.api import make_app
 from papeft.serving.continuous import ContinuousBatcher
@@ -32,6 +32,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backbone", default="smollm2_135m", help="a config under configs/backbone, or a .yaml path")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="override the backbone config's dtype")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--random-weights", action="store_true", help="the backbone's published shape with random "
+                   "weights (seed 0) and SmolLM2's tokenizer: speed at a paper scale (llama2_7b) without its weights")
     p.add_argument("--tenants", type=Path, default=None, help="directory of adapter directories, one per tenant")
     p.add_argument("--lora-backend", choices=["gathered", "peft"], default="gathered")
     p.add_argument("--host", default="127.0.0.1", help="the address to bind (loopback unless you mean it)")
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = backbone_config(args.backbone)
     if args.dtype:
         cfg["dtype"] = args.dtype
-    model, tok = load_backbone(cfg)
+    model, tok = load_random_weights(cfg) if args.random_weights else load_backbone(cfg)
     engine = MultiTenantEngine(model.to(args.device), lora_backend=args.lora_backend, tokenizer=tok)
     batcher = ContinuousBatcher(engine, max_rows=args.max_rows, max_waiting=args.max_waiting,
                                 max_prefill_rows=args.max_prefill_rows)
