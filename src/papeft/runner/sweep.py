@@ -8,7 +8,6 @@ multirun; scripts/slurm/make_sbatch.py turns the cells into one SLURM array task
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 from hydra import compose, initialize_config_dir
