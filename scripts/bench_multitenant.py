@@ -42,6 +42,7 @@ from papeft.tasks.prompting import PromptFormatter
 from papeft.serving import MultiTenantEngine, Request
 from papeft.bench.tables import TARGETS_AT, check_targets, machine, notes, rerender, save_run, spread_pct
 from papeft.serving.memory import PeakMemory, TensorPeak, sync
+from papeft.bench.profiling import op_profile
 from papeft.bench.tenants import random_adapter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,33 +160,11 @@ def resident_bytes(engine: MultiTenantEngine, method: str) -> int:
 
 
 def profile(engines, methods: list[str], ids, args, batch: int, tenants: int, beams: int) -> str:
-    """Self time per op (ms per call, from torch.profiler; the least of 3 interleaved calls) of each
-    method, side by side: where a method's extra time goes. The ops with the most time in any method first."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-    cuda = args.device.startswith("cuda")
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    times, counts = {}, {}
+    """Self time per op of each method's call, side by side (papeft.bench.profiling): where its extra time goes."""
     jobs = make_jobs(engines, methods, batch, tenants, ids)
-    for e, reqs in jobs.values():
-        measure(e, reqs, 0, args, beams)                                 # warm
-    for _ in range(3):                       # interleaved rounds; per op the least time (host noise is additive)
-        for m, (e, reqs) in jobs.items():
-            with torch_profile(activities=acts) as prof:
-                generate_fixed(e, reqs, args, beams)
-            for ev in prof.key_averages():
-                ms = (ev.self_device_time_total if cuda else ev.self_cpu_time_total) / 1e3
-                per_method = times.setdefault(ev.key, {})
-                per_method[m] = min(ms, per_method.get(m, ms))
-                counts.setdefault(ev.key, {})[m] = ev.count
-    top = sorted(times, key=lambda k: -max(times[k].values()))[:20]
-    lines = [f"# profile: batch {batch}, tenants {tenants}, beams {beams}, {args.new_tokens} new tokens; self "
-             f"{'device' if cuda else 'CPU'} ms per call, least of 3 interleaved calls (op calls per call)",
-             f"{'op':<52}" + "".join(f"{m:>24}" for m in methods)]
-    for k in top:
-        lines.append(f"{k[:51]:<52}" + "".join(f"{times[k].get(m, 0):>15.1f} ({counts[k].get(m, 0):>6})"
-                                                 for m in methods))
-    lines.append(f"{'total':<52}" + "".join(f"{sum(t.get(m, 0) for t in times.values()):>24.1f}" for m in methods))
-    return "\n".join(lines)
+    workloads = {m: (lambda e=e, reqs=reqs: generate_fixed(e, reqs, args, beams)) for m, (e, reqs) in jobs.items()}
+    return op_profile(workloads, f"batch {batch}, tenants {tenants}, beams {beams}, {args.new_tokens} new tokens",
+                      cuda=args.device.startswith("cuda"))
 
 
 # ---- main -------------------------------------------------------------------------

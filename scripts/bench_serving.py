@@ -35,9 +35,10 @@ import torch
 
 from papeft.backbone.loading import DTYPES, backbone_config, load_backbone, load_random_weights
 from papeft.bench.load import make_trace, run_replay, summarise, sustained
+from papeft.bench.profiling import op_profile
 from papeft.bench.tables import machine, save_run
 from papeft.bench.tenants import random_adapter
-from papeft.serving import MultiTenantEngine, Request
+from papeft.serving import ContinuousBatcher, Job, MultiTenantEngine, Request
 from papeft.tasks import get_task
 from papeft.tasks.prompting import PromptFormatter
 
@@ -147,6 +148,26 @@ def tenant_name(rank: int) -> str:
     return f"t{rank:03d}"
 
 
+def profile(engines: dict[str, MultiTenantEngine], examples, args) -> str:
+    """Per-op self time of each server's batcher on one fixed burst (2 x --max-rows requests of the first
+    setting's trace, all submitted at once, run until idle), in this process: where each one's time goes."""
+    n, pop = args.settings[0]
+    burst = make_trace(examples, 2 * args.max_rows, 1.0, n, pop, seed=args.seed)
+
+    def workload(server: str):
+        def run():
+            batcher = ContinuousBatcher(engines[server], max_rows=args.max_rows)
+            for a in burst:
+                tenant = None if server == "bare" else f"{server}/{tenant_name(a.tenant)}"
+                batcher.submit(Job(Request(list(a.prompt), tenant), max_new_tokens=a.answer_tokens,
+                                   min_new_tokens=a.answer_tokens))
+            batcher.run_until_idle()
+        return run
+    title = (f"{len(burst)} requests of the {n}-tenant {pop} trace submitted at once, the batcher run until idle "
+             f"(max {args.max_rows} rows), {sum(a.answer_tokens for a in burst)} new tokens in all")
+    return op_profile({s: workload(s) for s in args.servers}, title, cuda=args.device.startswith("cuda"))
+
+
 def targets(rows: list[dict], at: tuple[int, str]) -> list[str]:
     """The issue's targets at (tenants, popularity); PASS / MISS with the measured ratio."""
     mine = [r for r in rows if (r["tenants"], r["popularity"]) == at]
@@ -224,6 +245,8 @@ def parse_args(argv):
     ap.add_argument("--check", type=int, default=3, help="answers per run compared with the offline engine")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--warmup", type=int, default=4, help="untimed requests per server before the runs")
+    ap.add_argument("--profile", action="store_true", help="after the runs, per-op self times of each server's "
+                    "batcher on one burst, in this process (<stem>-profile.txt)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per server (0: torch's default)")
     ap.add_argument("--data-root", default=os.environ.get("PAPEFT_DATA", str(REPO.parent / "shared" / "data")))
     ap.add_argument("--out", default=str(REPO / "results/bench"))
@@ -309,7 +332,8 @@ def main(argv=None) -> int:
               "offered rate up to which every request was answered and p99 end-to-end latency stayed within 3x its "
               "p99 at the lowest rate.\n" + "\n".join(result))
     stem = Path(args.out) / f"serving-{label}"
-    save_run(stem, rows, header, args, result, columns=COLUMNS, command=command)
+    text = profile(engines, examples, args) if args.profile else None
+    save_run(stem, rows, header, args, result, columns=COLUMNS, profile=text, command=command)
     plot(rows, stem.with_suffix(".png"), f"Serving under load, {label}, {machine(args.device).split(',')[0]}")
     print("\n".join(result + [f"wrote {stem}.{{md,csv,tex,json,png}}"]))
     return 0
