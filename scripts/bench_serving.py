@@ -23,6 +23,7 @@ import copy
 import os
 import random
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -336,6 +337,7 @@ def main(argv=None) -> int:
     save_run(stem, rows, header, args, result, columns=COLUMNS, profile=text, command=command)
     plot(rows, stem.with_suffix(".png"), f"Serving under load, {label}, {machine(args.device).split(',')[0]}")
     print("\n".join(result + [f"wrote {stem}.{{md,csv,tex,json,png}}"]))
+    shutil.rmtree(tmp, ignore_errors=True)                              # adapters and server logs (kept on failure)
     return 0
 
 

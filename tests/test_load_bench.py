@@ -1,5 +1,7 @@
 """The load benchmark's parts: seeded traces, replay against a served endpoint, the sustained-rate rule
 and the targets (scripts/bench_serving.py)."""
+import json
+
 import numpy as np
 import pytest
 
@@ -70,3 +72,18 @@ def test_replay_against_the_endpoint_answers_every_request_as_the_offline_engine
         assert o.tokens == ref.tokens
     s = summarise(outcomes, 20.0)
     assert s["answered"] == 12 and s["tok_s"] > 0 and s["e2e_p50_ms"] <= s["e2e_p99_ms"]
+
+
+def test_the_benchmark_end_to_end_on_a_tiny_backbone(tmp_path, shared_data, monkeypatch):
+    """Two servers as processes on the loopback address, the saturation probe, one rate, the checks, the files."""
+    monkeypatch.setenv("PAPEFT_DATA", str(shared_data))
+    bench = load_script("bench_serving")
+    assert bench.main(["--backbone", "tiny_llama", "--servers", "bare,parade", "--settings", "2:zipf", "--tenants",
+                       "2", "--requests", "3", "--probe-requests", "3", "--max-answer", "4", "--warmup", "1",
+                       "--check", "2", "--out", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "serving-tiny_llama-cpu.json").read_text())
+    assert {r["server"] for r in saved["rows"]} == {"bare", "parade"} and len(saved["rows"]) == 2 * 7
+    assert all(r["answered"] == r["requests"] == 3 and r["mismatched"] == 0 and r["checked"] == 2
+               for r in saved["rows"])
+    assert "saturated throughput" in saved["header"] and saved["targets"][-1].startswith("PASS  no request lost")
+    assert (tmp_path / "serving-tiny_llama-cpu.png").stat().st_size > 0
