@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from papeft.bench.load import make_trace, popularity, run_replay, summarise, sustained
+from papeft.bench.load import make_trace, popularity, run_replay, slo_ms, summarise, sustained
 from papeft.serving import MultiTenantEngine, Request
 from papeft.serving.api import make_app
 from papeft.serving.continuous import ContinuousBatcher
@@ -33,10 +33,13 @@ def row(rate, p99, answered=10):
     return {"offered_rps": rate, "requests": 10, "answered": answered, "e2e_p99_ms": p99}
 
 
-def test_sustained_rate_stops_where_p99_diverges_or_a_request_is_lost():
-    assert sustained([row(1, 100), row(2, 150), row(4, 290), row(8, 5000)]) == 4
-    assert sustained([row(1, 100), row(2, 150, answered=9), row(4, 120)]) == 1
-    assert sustained([row(1, 100, answered=0)]) == 0
+def test_sustained_rate_stops_where_p99_misses_the_objective_or_a_request_is_lost():
+    assert sustained([row(1, 100), row(2, 150), row(4, 290), row(8, 5000)], slo=300) == 4
+    assert sustained([row(1, 100), row(2, 150, answered=9), row(4, 120)], slo=300) == 1
+    assert sustained([row(1, 100, answered=0)], slo=300) == 0
+    rows = [{"server": "parade", **row(1, 90)}, {"server": "bare", **row(2, 70)}, {"server": "bare", **row(1, 80)}]
+    assert slo_ms(rows) == 240                               # the bare backbone's lowest rate, for every server
+    assert slo_ms([r for r in rows if r["server"] == "parade"]) == 270
 
 
 def test_targets_compare_parade_with_bare_and_gathered_lora():

@@ -137,17 +137,20 @@ def summarise(outcomes: list[Outcome], rate: float) -> dict:
             "e2e_p50_ms": 1e3 * pct(e2e, 50), "e2e_p99_ms": 1e3 * pct(e2e, 99)}
 
 
-def sustained(rows: list[dict], diverge: float = 3.0) -> float:
-    """The highest offered rate up to which every run of one server held: every request answered and
-    p99 end-to-end latency within `diverge` x its p99 at the lowest rate (past its capacity a queue
-    builds and latency grows with the run's length). 0.0 when even the lowest rate fails."""
-    rows = sorted(rows, key=lambda r: r["offered_rps"])
-    if not rows:
-        return 0.0
-    base, best = rows[0]["e2e_p99_ms"], 0.0
-    for r in rows:
-        held = r["answered"] == r["requests"] and r["e2e_p99_ms"] <= diverge * base
-        if not held:
+def slo_ms(rows: list[dict], reference: str = "bare", factor: float = 3.0) -> float:
+    """One latency objective for every server of a setting: `factor` x the p99 end-to-end latency of the
+    `reference` server (the bare backbone) at the lowest rate, or of the lowest-rate run of any server."""
+    ref = [r for r in rows if r.get("server") == reference] or rows
+    return factor * min(ref, key=lambda r: r["offered_rps"])["e2e_p99_ms"] if ref else float("nan")
+
+
+def sustained(rows: list[dict], slo: float) -> float:
+    """The highest offered rate up to which every run of one server held: every request answered and p99
+    end-to-end latency within `slo` ms (past its capacity a queue builds and latency runs away). 0.0 when
+    even the lowest rate fails."""
+    best = 0.0
+    for r in sorted(rows, key=lambda r: r["offered_rps"]):
+        if not (r["answered"] == r["requests"] and r["e2e_p99_ms"] <= slo):
             break
         best = r["offered_rps"]
     return best
