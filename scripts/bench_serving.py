@@ -39,6 +39,7 @@ from papeft.bench.load import make_trace, run_replay, slo_ms, summarise, sustain
 from papeft.bench.profiling import op_profile
 from papeft.bench.tables import machine, save_run
 from papeft.bench.tenants import random_adapter
+from papeft.io import write_json
 from papeft.serving import ContinuousBatcher, Job, MultiTenantEngine, Request
 from papeft.tasks import get_task
 from papeft.tasks.prompting import PromptFormatter
@@ -47,9 +48,9 @@ REPO = Path(__file__).resolve().parents[1]
 AUTO_FRACTIONS = (0.25, 0.5, 0.7, 0.85, 1.0, 1.15, 1.3)
 SERVERS = {"bare": (None, "gathered"), "parade": ("parade", "gathered"), "ia3": ("ia3", "gathered"),
            "lora_gathered": ("lora", "gathered"), "lora_peft": ("lora", "peft")}   # name -> (method yaml, backend)
-COLUMNS = ["tenants", "popularity", "server", "offered_rps", "arrival_rps", "requests", "answered", "rejected",
-           "timed_out", "failed", "req_s", "tok_s", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms",
-           "checked", "mismatched"]
+COLUMNS = ["tenants", "popularity", "server", "offered_rps", "arrival_rps", "lag_p99_ms", "requests", "answered",
+           "rejected", "timed_out", "failed", "req_s", "tok_s", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms",
+           "e2e_p99_ms", "checked", "mismatched"]
 
 
 def e2e_examples(tok, cfg: dict, data_root: str, max_answer: int) -> list[tuple[list[int], int]]:
@@ -98,14 +99,18 @@ def wait_ready(proc: subprocess.Popen, url: str, name: str, log_dir: Path, timeo
     raise SystemExit(f"server {name} not ready after {timeout:.0f} s")
 
 
-def wait_idle(url: str, timeout: float = 120) -> None:
-    """Until the server has nothing waiting or running (a timed-out run's leftovers are cancelled)."""
+def wait_idle(proc: subprocess.Popen, url: str, name: str, timeout: float = 300) -> None:
+    """Until the server has nothing waiting or running (a timed-out run's requests were cancelled by their
+    disconnect and leave at the next step): the next run never shares it. Raises if it died or stays busy."""
     end = time.time() + timeout
     while time.time() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server {name} exited ({proc.returncode}) during the runs")
         h = httpx.get(f"{url}/health", timeout=5).json()
         if h["waiting"] == 0 and h["running"] == 0:
             return
         time.sleep(0.2)
+    raise RuntimeError(f"server {name} still busy {timeout:.0f} s after a run")
 
 
 def offline_engines(args, dirs: dict[str, Path]) -> dict[str, MultiTenantEngine]:
@@ -169,35 +174,48 @@ def profile(engines: dict[str, MultiTenantEngine], examples, args) -> str:
     return op_profile({s: workload(s) for s in args.servers}, title, cuda=args.device.startswith("cuda"))
 
 
+def ratio_verdict(p: float, q: float, top: float, bound: float, what: str) -> str:
+    """PARADE's sustained rate p against another's q: a rate at the top of the grid is only a lower bound."""
+    if not q:
+        return f"n/a   {what}: the other server sustained no rate tried (a lower one is needed)"
+    ratio, head = p / q, f"{what}: {p / q:.3f}x (target >= {bound})"
+    if p == top and q == top:
+        return f"n/a   {what}: both sustained the highest rate tried ({top:g} req/s): extend --rates"
+    if p == top:                                                       # a lower bound
+        return f"PASS  {head}, at least" if ratio >= bound else f"n/a   {head} or more: extend --rates"
+    if q == top and ratio >= bound:                                    # an upper bound
+        return f"n/a   {head} or less: extend --rates"
+    return f"{'PASS' if ratio >= bound else 'MISS'}  {head}"
+
+
 def targets(rows: list[dict], at: tuple[int, str]) -> list[str]:
-    """The issue's targets at (tenants, popularity); PASS / MISS with the measured ratio."""
+    """The issue's targets at (tenants, popularity): PASS / MISS with the measured ratio, n/a when the
+    runs cannot decide it (a rate at the top of the grid is a lower bound, no rate both sustain)."""
     mine = [r for r in rows if (r["tenants"], r["popularity"]) == at]
     slo = slo_ms(mine)
+    if slo != slo:
+        return [f"n/a   {at[0]} tenants {at[1]}: no latency objective (nothing answered at the lowest rate)"]
+    top = max(r["offered_rps"] for r in mine)
     rate = {s: sustained([r for r in mine if r["server"] == s], slo) for s in {r["server"] for r in mine}}
-    out = [f"sustained rate (req/s, {at[0]} tenants {at[1]}, p99 objective {slo:.0f} ms): " +
-           ", ".join(f"{s} {v:g}" for s, v in sorted(rate.items()))]
+    out = [f"sustained rate (req/s, {at[0]} tenants {at[1]}, p99 objective {slo:.0f} ms): " + ", ".join(
+        f"{s} {v:g}" + (" (the highest tried)" if v == top else "") for s, v in sorted(rate.items()))]
     p = rate.get("parade")
     for other, bound in (("bare", 0.95), ("lora_gathered", 1.2)):
-        if p is None or other not in rate:
-            continue
-        if not rate[other]:
-            out.append(f"n/a   PARADE sustained rate vs {other}: {other} sustained no rate tried (a lower one is "
-                       "needed to compare)")
-            continue
-        ratio = p / rate[other]
-        out.append(f"{'PASS' if ratio >= bound else 'MISS'}  PARADE sustained rate vs {other}: {ratio:.3f}x "
-                   f"(target >= {bound})")
-    both = min(rate.get("parade", 0), rate.get("lora_gathered", 0))
-    worse = [(r["offered_rps"], r["e2e_p99_ms"], g["e2e_p99_ms"]) for r in mine if r["server"] == "parade"
-             for g in mine if g["server"] == "lora_gathered" and g["offered_rps"] == r["offered_rps"]
-             and r["offered_rps"] <= both and r["e2e_p99_ms"] > g["e2e_p99_ms"]]
+        if p is not None and other in rate:
+            out.append(ratio_verdict(p, rate[other], top, bound, f"PARADE sustained rate vs {other}"))
     if "parade" in rate and "lora_gathered" in rate:
-        out.append(f"{'PASS' if not worse else 'MISS'}  PARADE p99 latency <= gathered LoRA's at every rate both "
-                   f"sustain (<= {both:g} req/s)" + "".join(f"; at {r:g}: {a:.0f} vs {b:.0f} ms" for r, a, b in worse))
-    lost = sum(r["requests"] - r["answered"] for r in rows)
-    wrong = sum(r["mismatched"] for r in rows)
+        both = min(rate["parade"], rate["lora_gathered"])
+        worse = [(r["offered_rps"], r["e2e_p99_ms"], g["e2e_p99_ms"]) for r in mine if r["server"] == "parade"
+                 for g in mine if g["server"] == "lora_gathered" and g["offered_rps"] == r["offered_rps"]
+                 and r["offered_rps"] <= both and r["e2e_p99_ms"] > g["e2e_p99_ms"]]
+        what = "PARADE p99 latency <= gathered LoRA's at every rate both sustain"
+        out.append(f"n/a   {what}: there is no such rate" if not both else
+                   f"{'PASS' if not worse else 'MISS'}  {what} (<= {both:g} req/s)"
+                   + "".join(f"; at {r:g}: {a:.0f} vs {b:.0f} ms" for r, a, b in worse))
+    lost = sum(r["requests"] - r["answered"] for r in mine)
+    wrong = sum(r["mismatched"] for r in mine)
     out.append(f"{'PASS' if not lost and not wrong else 'MISS'}  no request lost or answered wrongly: {lost} "
-               f"unanswered of {sum(r['requests'] for r in rows)}, {wrong} of {sum(r['checked'] for r in rows)} "
+               f"unanswered of {sum(r['requests'] for r in mine)}, {wrong} of {sum(r['checked'] for r in mine)} "
                "checked answers differ from the offline engine")
     return out
 
@@ -287,13 +305,13 @@ def main(argv=None) -> int:
         for name, (_, url) in procs.items():                             # first calls are slow: not timed
             warm = make_trace(examples, args.warmup, 1e4, min(args.tenants, args.warmup) or 1, "uniform", seed=99)
             run_replay(url, warm, (lambda k: Path(args.backbone).stem) if name == "bare" else tenant_name, args.drain)
-            wait_idle(url)
+            wait_idle(procs[name][0], url, name)
         probed = None
         if args.rates is None:
             reference = "bare" if "bare" in procs else args.servers[0]
             args.rates, probed = probe_rates(procs[reference][1], examples, Path(args.backbone).stem
                                              if reference == "bare" else tenant_name(0), args)
-            wait_idle(procs[reference][1])
+            wait_idle(*procs[reference], reference)
             print(f"# saturation probe ({reference}, {args.probe_requests} requests at once): {probed:.2f} req/s; "
                   f"rates {args.rates}", flush=True)
         for n, pop in args.settings:
@@ -303,7 +321,7 @@ def main(argv=None) -> int:
                     url = procs[name][1]
                     model_of = (lambda k: Path(args.backbone).stem) if name == "bare" else tenant_name
                     outcomes, wall = run_replay(url, trace, model_of, args.drain)
-                    wait_idle(url)
+                    wait_idle(procs[name][0], url, name)
                     rows.append({"tenants": n, "popularity": pop, "server": name, **summarise(outcomes, rate),
                                  "checked": 0, "mismatched": 0})
                     kept.append(outcomes)
@@ -311,11 +329,18 @@ def main(argv=None) -> int:
                     print(f"{n:>3} {pop:<8} {rate:>5g} req/s {name:<14} answered {r['answered']}/{r['requests']} "
                           f"{r['tok_s']:7.1f} tok/s  ttft p50/p99 {r['ttft_p50_ms']:7.0f}/{r['ttft_p99_ms']:7.0f} ms"
                           f"  e2e p50/p99 {r['e2e_p50_ms']:7.0f}/{r['e2e_p99_ms']:7.0f} ms  ({wall:.0f} s)", flush=True)
+    except BaseException:
+        if rows:                                           # what was measured, in a file no table is made from
+            write_json(Path(args.out) / f"serving-partial-{int(time.time())}.json", {"args": vars(args), "rows": rows})
+        raise
     finally:
         for proc, _ in procs.values():
             proc.terminate()
         for proc, _ in procs.values():
-            proc.wait(timeout=60)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     engines = offline_engines(args, dirs)                                 # untimed: the servers are gone
     for k, (row, outcomes) in enumerate(zip(rows, kept)):
         row["checked"], row["mismatched"] = check_sample(engines[row["server"]], row["server"], outcomes,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from papeft.serving import MultiTenantEngine, Request, TenantError
-from papeft.serving.continuous import ContinuousBatcher, Job, QueueFull
+from papeft.serving.continuous import ContinuousBatcher, Job, QueueFull, Stopped
 from conftest import float64
 from test_engine import TENANTS, adapter, backbone, prompts
 
@@ -98,9 +98,12 @@ def test_cancelled_jobs_leave_without_disturbing_the_rest(engine):
     for job in jobs:
         batcher.submit(job)
     batcher.step()
-    jobs[1].cancelled = True
+    rows = len(batcher.batch)
+    batcher.cancel(jobs[1])                                  # running: its rows leave at the next step
+    batcher.step()
+    assert jobs[1].result.error == "cancelled" and jobs[1].status == 499
+    assert len(batcher.batch) == rows - 1
     batcher.run_until_idle()
-    assert jobs[1].result.error == "cancelled"
     for job in (jobs[0], jobs[2]):
         assert job.result.tokens == offline(engine, job.request, 1).tokens
 
@@ -127,8 +130,12 @@ def test_tenants_added_and_removed_while_jobs_run(engine, tmp_path):
     assert late.result.tokens == offline(engine, late.request, 1).tokens
     engine.remove_tenant("fresh")
     engine.add_tenant("lora_b", adapter(tmp_path, "lora", seed=10 + list(TENANTS).index("lora_b"))[0])
-    with pytest.raises(TenantError):
+    with pytest.raises(TenantError, match="already loaded"):
         batcher.add_tenant("lora_b", tmp_path / "missing")
+    with pytest.raises(TenantError, match="no readable"):
+        batcher.add_tenant("ghost", tmp_path / "missing")
+    assert "ghost" in engine.refused and "lora_b" not in engine.refused
+    del engine.refused["ghost"]
 
 
 def test_worker_thread_serves_jobs_submitted_from_other_threads(engine):
@@ -180,3 +187,19 @@ def test_a_backbone_whose_generation_config_the_decoders_cannot_follow_is_refuse
     m.generation_config.repetition_penalty = 1.3
     with pytest.raises(ValueError, match="repetition_penalty"):
         ContinuousBatcher(MultiTenantEngine(m))
+
+
+def test_waiting_jobs_with_tensor_prompts_are_answered_on_removal_and_stop(engine, tmp_path):
+    """Jobs are compared by identity (their prompts may be tensors); stop() answers every job it holds."""
+    engine.add_tenant("doomed", adapter(tmp_path, "ia3", seed=5)[0])
+    batcher = ContinuousBatcher(engine)
+    jobs = [batcher.submit(Job(Request(torch.tensor(p), t), max_new_tokens=NEW))
+            for p, t in zip(prompts(3, seed=12), [None, "doomed", "parade"])]
+    batcher.remove_tenant("doomed")
+    assert jobs[1].status == 404 and "removed" in jobs[1].result.error
+    batcher.start()
+    batcher.stop()                                           # whatever it had not finished is answered
+    assert all(j.wait(timeout=0) for j in jobs)
+    assert {j.status for j in (jobs[0], jobs[2])} <= {200, 503}
+    with pytest.raises(Stopped):
+        batcher.submit(Job(Request([1, 2, 3])))

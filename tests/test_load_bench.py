@@ -55,6 +55,12 @@ def test_targets_compare_parade_with_bare_and_gathered_lora():
     assert bench.targets(rows, (64, "zipf"))[3].startswith("MISS  PARADE p99 latency")
     rows[0]["mismatched"] = 1
     assert bench.targets(rows, (64, "zipf"))[-1].startswith("MISS  no request lost or answered wrongly")
+    for r in rows:                                                   # nobody saturated: nothing to decide
+        r["e2e_p99_ms"] = 100
+    lines = bench.targets(rows, (64, "zipf"))
+    assert all(line.startswith("n/a") for line in lines[1:3]) and "extend --rates" in lines[1]
+    assert bench.ratio_verdict(4, 2, top=4, bound=1.2, what="x").startswith("PASS  x: 2.000x (target >= 1.2), at least")
+    assert bench.ratio_verdict(2, 4, top=4, bound=0.95, what="x").startswith("MISS")
 
 
 def test_replay_against_the_endpoint_answers_every_request_as_the_offline_engine(tmp_path):

@@ -9,8 +9,10 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -172,8 +174,16 @@ def test_a_client_that_disconnects_takes_its_request_out_of_the_queue():
     with serving(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         batcher.lock.acquire()                               # the request can only wait
         try:
-            with pytest.raises(httpx.ReadTimeout):
-                httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": [5, 6]}, timeout=0.5)
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                gone = pool.submit(httpx.post, f"{url}/v1/completions", json={"model": "tiny", "prompt": [5, 6]},
+                                   timeout=1.5)
+                for _ in range(200):
+                    if client.get("/health").json()["waiting"] == 1:
+                        break
+                    time.sleep(0.02)
+                assert client.get("/health").json()["waiting"] == 1     # it was queued
+                with pytest.raises(httpx.ReadTimeout):
+                    gone.result()
             for _ in range(200):
                 if client.get("/health").json()["waiting"] == 0:
                     break
@@ -181,6 +191,28 @@ def test_a_client_that_disconnects_takes_its_request_out_of_the_queue():
             assert client.get("/health").json()["waiting"] == 0    # gone before any iteration ran
         finally:
             batcher.lock.release()
+
+
+def test_a_stream_whose_tenant_goes_before_it_starts_gets_a_404():
+    with float64(), tempfile.TemporaryDirectory() as tmp:
+        engine = MultiTenantEngine(backbone())
+        engine.add_tenant("brief", adapter(Path(tmp), "parade", seed=4)[0])
+        batcher = ContinuousBatcher(engine)
+        app = make_app(batcher, char_tokenizer(), "tiny")
+        with serving(app) as url, concurrent.futures.ThreadPoolExecutor(1) as pool:
+            batcher.lock.acquire()                           # queued, not started
+            try:
+                reply = pool.submit(httpx.post, f"{url}/v1/completions", timeout=30,
+                                    json={"model": "brief", "prompt": [5, 6], "stream": True})
+                for _ in range(200):
+                    if httpx.get(f"{url}/health").json()["waiting"] == 1:
+                        break
+                    time.sleep(0.02)
+                batcher.remove_tenant("brief")               # the lock is reentrant: same thread
+            finally:
+                batcher.lock.release()
+            r = reply.result()
+    assert r.status_code == 404 and "removed" in r.json()["error"]["message"]
 
 
 def test_tenants_added_and_removed_over_http(server):

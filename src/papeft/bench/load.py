@@ -119,15 +119,19 @@ async def replay(url: str, trace: list[Arrival], model_of, drain_s: float = 60.0
 
 
 def summarise(outcomes: list[Outcome], rate: float) -> dict:
-    """Throughput over the run (first send to last answer), latency percentiles over answered requests."""
+    """Throughput over the run (first send to last answer), latency percentiles over answered requests;
+    `arrival_rps` from the actual send times and `lag_p99_ms` (send time minus trace time): a client that
+    falls behind its trace offers less load than it claims."""
     ok = [o for o in outcomes if o.ok]
     first = min((o.sent for o in outcomes if o.sent == o.sent), default=0.0)
     last = max((o.sent + o.e2e_s for o in ok), default=first)
     span = max(last - first, 1e-9)
     pct = lambda xs, q: float(np.percentile(xs, q)) if xs else float("nan")     # noqa: E731
     ttft, e2e = [o.ttft_s for o in ok], [o.e2e_s for o in ok]
-    arrivals = [o.arrival.at for o in outcomes]
-    return {"offered_rps": rate, "arrival_rps": (len(arrivals) - 1) / max(max(arrivals) - min(arrivals), 1e-9),
+    sends = [o.sent for o in outcomes if o.sent == o.sent]
+    lag = [o.sent - o.arrival.at for o in outcomes if o.sent == o.sent]
+    return {"offered_rps": rate, "arrival_rps": (len(sends) - 1) / max(max(sends) - min(sends), 1e-9) if sends
+            else float("nan"), "lag_p99_ms": 1e3 * pct(lag, 99),
             "requests": len(outcomes), "answered": len(ok),
             "rejected": sum(o.status in (429, 503) for o in outcomes),
             "timed_out": sum(o.error == "timed out" for o in outcomes),

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from papeft.serving.continuous import ContinuousBatcher, Job, QueueFull
+from papeft.serving.continuous import ContinuousBatcher, Job, QueueFull, Stopped
 from papeft.serving.engine import Request
 from papeft.serving.tenants import TenantError
 from papeft.tasks.prompting import PromptFormatter
@@ -145,6 +145,8 @@ async def completions(request: web.Request, chat: bool = False) -> web.StreamRes
         return error(503, "the server is shutting down" if settings["closing"] else "the batcher is not running")
     try:
         body = await request.json()
+    except web.HTTPRequestEntityTooLarge as e:
+        return error(413, f"the body is larger than {e.max_size} bytes")
     except (ValueError, UnicodeDecodeError) as e:
         return error(400, f"the body is not JSON: {e}")
     try:
@@ -166,6 +168,8 @@ async def completions(request: web.Request, chat: bool = False) -> web.StreamRes
         batcher.submit(job)
     except QueueFull as e:
         return error(429, f"too many requests waiting: {e}")
+    except Stopped as e:
+        return error(503, str(e))
     except ValueError as e:
         return error(404 if "removed" in str(e) else 400, str(e))
     reply = Reply(chat, body["model"], len(ids), settings["tokenizer"], params["token_ids"])
@@ -225,30 +229,24 @@ class Reply:
         return body
 
     async def stream(self, request: web.Request, tokens: asyncio.Queue, done: asyncio.Future) -> web.StreamResponse:
-        """Server-sent events: one chunk per new piece of text, then the finish reason and [DONE]."""
+        """Server-sent events: one chunk per new piece of text, then the finish reason and [DONE]. The
+        headers wait for the first tokens, so a request that fails before any gets its own status."""
+        first = await self._next(tokens, done)
+        if first is None and not done.result().result.ok:
+            job = done.result()
+            return error(job.status, job.result.error, "model" if job.status == 404 else None)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         sent, said, pending = [], "", []                   # pending: ids whose text is not out yet
-        while True:
-            getter = asyncio.ensure_future(tokens.get())
-            try:
-                await asyncio.wait([getter, done], return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                if not getter.done():
-                    getter.cancel()
-            if not getter.done() or getter.cancelled():
-                if tokens.empty():
-                    break
-                new = tokens.get_nowait()
-            else:
-                new = getter.result()
+        new = first
+        while new is not None:
             sent += new
             pending += new
             text = self.text(sent)
-            if text.endswith("\ufffd"):                        # a character cut in the middle: wait for the rest
-                continue
-            await self._event(resp, self._choice(text[len(said):], None, pending, chunk=True))
-            said, pending = text, []
+            if not text.endswith("\ufffd"):                    # a character cut in the middle waits for the rest
+                await self._event(resp, self._choice(text[len(said):], None, pending, chunk=True))
+                said, pending = text, []
+            new = await self._next(tokens, done)
         job = done.result()
         if job.result.ok:
             finish = "length" if len(job.result.tokens) >= job.max_new_tokens and \
@@ -260,6 +258,19 @@ class Reply:
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+    @staticmethod
+    async def _next(tokens: asyncio.Queue, done: asyncio.Future) -> list[int] | None:
+        """The next tokens, or None once the job is done and every token has been taken."""
+        getter = asyncio.ensure_future(tokens.get())
+        try:
+            await asyncio.wait([getter, done], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not getter.done():
+                getter.cancel()                            # an item it was woken for stays in the queue
+        if getter.done() and not getter.cancelled():
+            return getter.result()
+        return None if tokens.empty() else tokens.get_nowait()
 
     async def _event(self, resp: web.StreamResponse, choice: dict) -> None:
         await resp.write(f"data: {json.dumps(self._envelope(choice, chunk=True))}\n\n".encode())
@@ -303,7 +314,8 @@ async def add_tenant(request: web.Request) -> web.Response:
         await loop.run_in_executor(None, batcher.add_tenant, name, directory)
     except (TenantError, ValueError) as e:
         return error(400, str(e), "path")
-    return web.json_response({"name": name, "method": batcher.engine.tenants[name].method}, status=201)
+    tenant = batcher.engine.tenants.get(name)              # None if removed meanwhile
+    return web.json_response({"name": name, "method": tenant.method if tenant else None}, status=201)
 
 
 async def remove_tenant(request: web.Request) -> web.Response:

@@ -53,7 +53,11 @@ class QueueFull(Exception):
     """The waiting queue holds `max_waiting` jobs: the caller should retry later (HTTP 429)."""
 
 
-@dataclass
+class Stopped(Exception):
+    """The batcher has stopped: no job is taken (HTTP 503)."""
+
+
+@dataclass(eq=False)                                   # a job is itself: never compared field by field (tensors)
 class Job:
     request: Request
     max_new_tokens: int = 32
@@ -115,6 +119,8 @@ class ContinuousBatcher:
         if job.request.tenant in self.removing:
             raise ValueError(f"tenant '{job.request.tenant}' is being removed")
         with self.queue:
+            if self._stop:
+                raise Stopped("the batcher has stopped")
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (max_waiting={self.max_waiting})")
             self.waiting.append(job)
@@ -172,13 +178,13 @@ class ContinuousBatcher:
                     self._join(newcomers)
                 if self.running:
                     self._decode()
-                self._drop_removed_tenants()
             except Exception as e:  # noqa: BLE001  (whatever failed, every job in hand is answered and the loop lives)
                 log.exception("iteration failed")
                 for job in newcomers + self.running:
                     self._finish(job, Result(job.request.tenant, None, f"internal error: {type(e).__name__}: {e}"),
                                  500)
                 self.running, self.batch, self.next_tokens, self.decoders = [], None, [], {}
+            self._drop_removed_tenants()
             self.iterations += 1
             return bool(self.waiting or self.running)
 
@@ -289,10 +295,13 @@ class ContinuousBatcher:
         """Read an adapter while the batch runs, then place and probe it between iterations (TenantError
         if refused, remembered in `engine.refused`)."""
         e = self.engine
+        if name in e.tenants:
+            raise TenantError(f"tenant '{name}' is already loaded; remove it first")
         try:
             loaded = load_tenant(name, directory, e.backbone, e.tokenizer)
         except TenantError as err:
-            e.refused[name] = str(err)
+            if name not in e.tenants:                          # a served tenant is never listed as refused
+                e.refused[name] = str(err)
             raise
         with self.lock:
             if name in self.removing:
