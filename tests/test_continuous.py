@@ -49,7 +49,7 @@ def test_tokens_equal_the_offline_engine_whatever_joins_and_leaves(engine, beams
     ps = prompts(2 * len(names), seed=beams + every)
     requests = [Request(p, names[k % len(names)]) for k, p in enumerate(ps)]
     # varied lengths: rows leave at different steps while others join
-    jobs = [Job(r, max_new_tokens=NEW - k % 3, num_beams=beams) for k, r in enumerate(requests)]
+    jobs = [Job(r, max_new_tokens=NEW - k % 3, num_beams=beams, return_scores=True) for k, r in enumerate(requests)]
     batcher = ContinuousBatcher(engine, max_rows=5 * beams, max_prefill_rows=3)
     staggered(batcher, jobs, every)
     assert batcher.batch is None and not batcher.running and batcher.iterations > NEW
@@ -71,6 +71,7 @@ def test_min_new_tokens_streaming_and_timestamps(engine):
     batcher.run_until_idle()
     assert job.result.tokens == offline(engine, req, 1, min_new=NEW).tokens == streamed
     assert len(streamed) == NEW
+    assert job.result.score is None                          # greedy scores only on request (a vocabulary softmax)
     assert job.submitted <= job.first_token_at <= job.finished_at
 
 

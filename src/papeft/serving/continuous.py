@@ -63,6 +63,7 @@ class Job:
     max_new_tokens: int = 32
     num_beams: int = 1
     min_new_tokens: int | None = None
+    return_scores: bool = False                           # greedy: also the chosen tokens' log-probability sum
     on_tokens: Callable[[list[int]], None] | None = None   # greedy: called (worker thread) with each new token
     on_done: Callable[["Job"], None] | None = None         # called (worker thread) once, when it has a result
     result: Result | None = None
@@ -207,7 +208,7 @@ class ContinuousBatcher:
     def _decoder(self, job: Job):
         e = self.engine
         if job.num_beams == 1:
-            return GreedyDecoder(e.eos, job.max_new_tokens, job.min_new_tokens)
+            return GreedyDecoder(e.eos, job.max_new_tokens, job.min_new_tokens, job.return_scores)
         return BeamDecoder(e.eos, job.max_new_tokens, job.num_beams, job.min_new_tokens, self.length_penalty,
                            self.early_stopping, fill=e.pad, device=e.device)
 

@@ -36,17 +36,18 @@ def end_masked(logits: torch.Tensor, eos: list[int], produced: int, min_new_toke
 class GreedyDecoder:
     rows = 1
 
-    def __init__(self, eos: set[int], max_new_tokens: int, min_new_tokens: int | None = None):
+    def __init__(self, eos: set[int], max_new_tokens: int, min_new_tokens: int | None = None, scores: bool = False):
         self.eos, self.max_new, self.min_new = sorted(eos), max_new_tokens, min_new_tokens
         self.tokens: list[int] = []
-        self.score = 0.0
+        self.score = 0.0 if scores else None             # a log-softmax over the vocabulary per step: on request
         self.done = False
 
     def step(self, logits: torch.Tensor) -> tuple[list[int], list[int]]:
         """logits (1, V) of its row -> (sources [0], next tokens [t])."""
         scores = end_masked(logits.float(), self.eos, len(self.tokens), self.min_new)
         t = int(scores[0].argmax())
-        self.score += float(scores[0].log_softmax(-1)[t])
+        if self.score is not None:
+            self.score += float(scores[0].log_softmax(-1)[t])
         self.tokens.append(t)
         self.done = t in self.eos or len(self.tokens) >= self.max_new
         return [0], [t]
@@ -55,7 +56,7 @@ class GreedyDecoder:
         """Tokens chosen so far (streamed as they come)."""
         return self.tokens
 
-    def result(self) -> tuple[list[int], float]:
+    def result(self) -> tuple[list[int], float | None]:
         return self.tokens, self.score
 
 
