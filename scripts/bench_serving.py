@@ -25,6 +25,7 @@ import random
 import shlex
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -353,7 +354,9 @@ def main(argv=None) -> int:
             f"({probed:.2f} req/s, {args.probe_requests} requests at once)" if probed else f"rates {args.rates} req/s")
     weights = "random weights (seed 0), prompt ids modulo the vocabulary; " if args.random_weights else ""
     header = (f"Serving under load, {label}: iteration-level batching (max {args.max_rows} rows), {args.requests} "
-              f"requests per run, Poisson arrivals, E2E test prompts and answer lengths; servers replay the same "
+              f"requests per run, Poisson arrivals, E2E test prompts and answer lengths ({len(examples)} MRs; median "
+              f"{statistics.median(len(p) for p, _ in examples):g} prompt and "
+              f"{statistics.median(n for _, n in examples):g} answer tokens); servers replay the same "
               f"seeded trace in turn; {grid}; {weights}server torch threads {args.threads or 'default'}.\n"
               f"Made by `{command}` on {machine(args.device)} (this process).\nsustained = the highest "
               "offered rate up to which every request was answered and p99 end-to-end latency met one objective for "
