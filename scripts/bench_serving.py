@@ -24,7 +24,6 @@ import os
 import random
 import shlex
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ import httpx
 import torch
 
 from papeft.backbone.loading import DTYPES, backbone_config, load_backbone, load_random_weights
-from papeft.bench.load import make_trace, run_replay, slo_ms, summarise, sustained
+from papeft.bench.load import free_port, make_trace, run_replay, slo_ms, summarise, sustained
 from papeft.bench.profiling import op_profile
 from papeft.bench.tables import machine, save_run
 from papeft.bench.tenants import random_adapter
@@ -68,12 +67,6 @@ def backbone(args):
     if args.dtype:
         cfg["dtype"] = args.dtype
     return load_random_weights(cfg) if args.random_weights else load_backbone(cfg)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(name: str, args, tenants_dir: Path | None, log_dir: Path) -> tuple[subprocess.Popen, str]:
@@ -153,6 +146,11 @@ def check_sample(engine: MultiTenantEngine, server: str, outcomes, k: int, seed:
 
 def tenant_name(rank: int) -> str:
     return f"t{rank:03d}"
+
+
+def model_of(server: str, args):
+    """Popularity rank -> the `model` a request names: the bare server answers to the backbone's name."""
+    return (lambda rank: Path(args.backbone).stem) if server == "bare" else tenant_name
 
 
 def profile(engines: dict[str, MultiTenantEngine], examples, args) -> str:
@@ -305,13 +303,12 @@ def main(argv=None) -> int:
             wait_ready(proc, url, name, tmp)
         for name, (_, url) in procs.items():                             # first calls are slow: not timed
             warm = make_trace(examples, args.warmup, 1e4, min(args.tenants, args.warmup) or 1, "uniform", seed=99)
-            run_replay(url, warm, (lambda k: Path(args.backbone).stem) if name == "bare" else tenant_name, args.drain)
+            run_replay(url, warm, model_of(name, args), args.drain)
             wait_idle(procs[name][0], url, name)
         probed = None
         if args.rates is None:
             reference = "bare" if "bare" in procs else args.servers[0]
-            args.rates, probed = probe_rates(procs[reference][1], examples, Path(args.backbone).stem
-                                             if reference == "bare" else tenant_name(0), args)
+            args.rates, probed = probe_rates(procs[reference][1], examples, model_of(reference, args)(0), args)
             wait_idle(*procs[reference], reference)
             print(f"# saturation probe ({reference}, {args.probe_requests} requests at once): {probed:.2f} req/s; "
                   f"rates {args.rates}", flush=True)
@@ -320,8 +317,7 @@ def main(argv=None) -> int:
                 trace = make_trace(examples, args.requests, rate, n, pop, seed=args.seed)
                 for name in (args.servers if i % 2 == 0 else args.servers[::-1]):
                     url = procs[name][1]
-                    model_of = (lambda k: Path(args.backbone).stem) if name == "bare" else tenant_name
-                    outcomes, wall = run_replay(url, trace, model_of, args.drain)
+                    outcomes, wall = run_replay(url, trace, model_of(name, args), args.drain)
                     wait_idle(procs[name][0], url, name)
                     rows.append({"tenants": n, "popularity": pop, "server": name, **summarise(outcomes, rate),
                                  "checked": 0, "mismatched": 0})

@@ -6,7 +6,6 @@ import concurrent.futures
 import contextlib
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from aiohttp import web
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from papeft.bench.load import free_port
 from papeft.serving import MultiTenantEngine, Request
 from papeft.serving.api import make_app
 from papeft.serving.continuous import ContinuousBatcher
@@ -74,6 +74,16 @@ def server(tmp_path_factory):
                        tenants_dir=root, max_new_tokens=12, max_prompt_tokens=40)
         with serving(app) as url:
             yield url, engine, root
+
+
+def waiting_reaches(url: str, n: int, seconds: float = 10.0) -> bool:
+    """Whether the server's queue holds exactly `n` requests within `seconds` (polled)."""
+    end = time.time() + seconds
+    while time.time() < end:
+        if httpx.get(f"{url}/health", timeout=5).json()["waiting"] == n:
+            return True
+        time.sleep(0.02)
+    return False
 
 
 def offline(engine, ids, tenant, new, beams=1, min_new=None):
@@ -156,10 +166,7 @@ def test_a_full_queue_answers_429_and_the_waiting_request_is_served_after():
         try:
             first = pool.submit(client.post, "/v1/completions", json={"model": "tiny", "prompt": [5, 6],
                                                                       "max_tokens": 3})
-            for _ in range(200):
-                if client.get("/health").json()["waiting"] == 1:
-                    break
-                time.sleep(0.05)
+            waiting_reaches(url, 1)
             r = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi"})
             assert r.status_code == 429 and r.headers["retry-after"] == "1" and "max_waiting=1" in r.text
         finally:
@@ -177,18 +184,10 @@ def test_a_client_that_disconnects_takes_its_request_out_of_the_queue():
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 gone = pool.submit(httpx.post, f"{url}/v1/completions", json={"model": "tiny", "prompt": [5, 6]},
                                    timeout=1.5)
-                for _ in range(200):
-                    if client.get("/health").json()["waiting"] == 1:
-                        break
-                    time.sleep(0.02)
-                assert client.get("/health").json()["waiting"] == 1     # it was queued
+                assert waiting_reaches(url, 1)                      # it was queued
                 with pytest.raises(httpx.ReadTimeout):
                     gone.result()
-            for _ in range(200):
-                if client.get("/health").json()["waiting"] == 0:
-                    break
-                time.sleep(0.05)
-            assert client.get("/health").json()["waiting"] == 0    # gone before any iteration ran
+            assert waiting_reaches(url, 0)                          # gone before any iteration ran
         finally:
             batcher.lock.release()
 
@@ -204,10 +203,7 @@ def test_a_stream_whose_tenant_goes_before_it_starts_gets_a_404():
             try:
                 reply = pool.submit(httpx.post, f"{url}/v1/completions", timeout=30,
                                     json={"model": "brief", "prompt": [5, 6], "stream": True})
-                for _ in range(200):
-                    if httpx.get(f"{url}/health").json()["waiting"] == 1:
-                        break
-                    time.sleep(0.02)
+                waiting_reaches(url, 1)
                 batcher.remove_tenant("brief")               # the lock is reentrant: same thread
             finally:
                 batcher.lock.release()
@@ -237,12 +233,6 @@ def test_tenants_added_and_removed_over_http(server):
         assert client.delete("/v1/tenants/late").status_code == 404
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_command_line_serves_a_tenants_directory(tmp_path):
     """`python -m papeft.serving` on the tiny random Llama config (the real tokenizer): it loads every
     adapter directory, refuses a corrupt one with the reason, and answers on the loopback address."""
@@ -252,7 +242,7 @@ def test_the_command_line_serves_a_tenants_directory(tmp_path):
     build_method(model, {"type": "parade", "r": 4}).save_adapter(tmp_path / "acme")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "adapter_config.json").write_text("{")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "papeft.serving", "--backbone", "tiny_llama", "--tenants",
                              str(tmp_path), "--port", str(port)], cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -48,6 +49,13 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return self.status == 200 and self.error is None and len(self.tokens) == self.arrival.answer_tokens
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now (for a server started next)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def popularity(tenants: int, kind: str, zipf_s: float = 1.0) -> np.ndarray:

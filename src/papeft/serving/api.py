@@ -218,11 +218,15 @@ class Reply:
             choice["token_ids"] = tokens
         return choice
 
+    def finish_reason(self, tokens: list[int], max_new: int) -> str:
+        """OpenAI's: "length" when the budget ran out before an end token, else "stop"."""
+        return "length" if len(tokens) >= max_new and tokens[-1:] != [self.tok.eos_token_id] else "stop"
+
     def text(self, tokens: list[int]) -> str:
         return self.tok.decode(tokens, skip_special_tokens=True)
 
     def whole(self, tokens: list[int], max_new: int) -> dict:
-        finish = "length" if len(tokens) >= max_new and tokens[-1:] != [self.tok.eos_token_id] else "stop"
+        finish = self.finish_reason(tokens, max_new)
         body = self._envelope(self._choice(self.text(tokens), finish, tokens))
         body["usage"] = {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(tokens),
                          "total_tokens": self.prompt_tokens + len(tokens)}
@@ -249,8 +253,7 @@ class Reply:
             new = await self._next(tokens, done)
         job = done.result()
         if job.result.ok:
-            finish = "length" if len(job.result.tokens) >= job.max_new_tokens and \
-                job.result.tokens[-1:] != [self.tok.eos_token_id] else "stop"
+            finish = self.finish_reason(job.result.tokens, job.max_new_tokens)
             await self._event(resp, self._choice(self.text(job.result.tokens)[len(said):], finish, pending,
                                                  chunk=True))
         else:

@@ -21,6 +21,7 @@ columns that are padding for every remaining row are cut (`compact`).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -147,11 +148,17 @@ class RunningBatch:
         return out.logits[:, -1]                                                  # (B, V)
 
 
+@functools.cache
+def _forward_parameters(model_class: type) -> frozenset[str]:
+    """A model class's forward arguments (read once per class, not at every decode step)."""
+    return frozenset(inspect.signature(model_class.forward).parameters)
+
+
 def _cache_kw(model) -> str:
     """The forward's name for the KV cache: `cache` in newer transformers, `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in _forward_parameters(type(model)) else "past_key_values"
 
 
 def _last_logits_only(model) -> dict:
     """`logits_to_keep=1` where the model takes it (generate's prefill asks for the last position only)."""
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(type(model)) else {}
