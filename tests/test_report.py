@@ -14,7 +14,7 @@ import pytest
 
 from papeft.report import tables as report
 from papeft.report.formats import format_params, to_csv, to_latex, to_markdown
-from papeft.report.rows import quantile
+from papeft.report.rows import floors, quantile
 from papeft.report.tables import collect, median_table, write_tables
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -130,6 +130,20 @@ def test_latex_ties_share_mark():
     rows = median_table([rec("a", score=90), rec("b", score=90), rec("c", score=80)])
     tex = to_latex(rows)
     assert tex.count(r"\textbf{90.0}") == 2 and r"\underline{80.0}" in tex
+
+
+def test_each_backbone_is_ranked_against_its_own_floor():
+    big, small = {"majority_class": {"label": "x", "score": 85.0}}, {"majority_class": {"label": "x", "score": 50.0}}
+    rows = median_table([rec("a", score=84, backbone="big", **big), rec("zero_shot", score=20, backbone="big"),
+                         rec("a", score=80, backbone="small", **small), rec("b", score=70, backbone="small", **small),
+                         rec("c", score=60, backbone="small", **small), rec("zero_shot", score=65, backbone="small")])
+    assert floors(rows) == {("big", "copa"): 85.0, ("small", "copa"): 65.0}   # the better of majority / zero-shot
+    md = to_markdown(rows)
+    assert "| 84.0 |" in md                                      # under big's floor: no mark
+    assert "**80.0**" in md and "_70.0_" in md and "| 60.0 |" in md   # small: ranked above its own 65.0
+    loss = median_table([rec("a", score=1.0, metric="loss"), rec("zero_shot", score=3.0, metric="loss"),
+                         rec("zero_shot", score=2.0, metric="loss", backbone="other")])
+    assert floors(loss) == {("smollm2_135m", "copa"): 3.0, ("other", "copa"): 2.0}
 
 
 def test_markdown_bold_and_notes():

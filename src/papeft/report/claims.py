@@ -13,7 +13,7 @@ from typing import Sequence
 from papeft.io import write_text
 from papeft.report.intervals import cell_interval, paired_interval
 from papeft.report.paper_numbers import SPEED_TABLE4, get_table
-from papeft.report.reproduction import Runs, floors
+from papeft.report.reproduction import Runs
 from papeft.report.rows import FLOOR_METHODS
 
 RULES = (
@@ -122,9 +122,9 @@ def speed_claims(bench_dir: Path) -> list[Claim]:
     return out
 
 
-def write_claims(records: Sequence[dict], groups: dict[tuple[str, str, str], Runs], bench_dir: Path | None,
-                 out_stem: Path, notes: Sequence[str]) -> dict[str, Path]:
-    floor = floors(records)
+def write_claims(floor: dict[tuple[str, str], float], groups: dict[tuple[str, str, str], Runs],
+                 bench_dir: Path | None, out_stem: Path, notes: Sequence[str]) -> dict[str, Path]:
+    """NAME-claims.{md,csv}; `floor`: (backbone, task) -> the score to beat (papeft.report.rows.floors)."""
     pairs = [(f"PARADE >= {b} (Table 1)", "parade", b) for b in TABLE1_BASELINES]
     pairs += [("capsule pooler >= last-token pooler (PARADE vs PARA)", "parade", "para"),
               ("rational activation helps (PEDRO vs PARA)", "pedro", "para")]

@@ -16,9 +16,8 @@ import re
 from typing import Callable, Sequence
 
 from papeft.report.paper_numbers import PaperTable
-from papeft.report.rows import Row
+from papeft.report.rows import LOWER_IS_BETTER, Row, floors
 
-LOWER_IS_BETTER = frozenset({"loss", "perplexity", "ppl", "wer", "ter"})
 MISSING = "–"
 FAILED = "failed"
 NAN = "NaN"
@@ -66,10 +65,10 @@ def _ranks(rows: list[Row], task: str, metric: str, expected: int) -> dict[int, 
     """Row index -> 1 (best) or 2 (second) by displayed value (ties share a mark), among the cells with
     every expected seed that beat the column's floor rows (a mark at chance would mislead); needs >= 2."""
     higher = metric.lower() not in LOWER_IS_BETTER
-    floors = [r.cells[task].median for r in rows if r.floor and task in r.cells and r.cells[task].n]
-    floor = (max(floors) if higher else min(floors)) if floors else None
+    floor = floors(rows)
     shown = {i: f"{c.median:.1f}" for i, r in enumerate(rows) if not r.floor and (c := r.cells.get(task))
-             and c.n >= max(expected, 1) and (floor is None or (c.median > floor if higher else c.median < floor))}
+             and c.n >= max(expected, 1) and ((f := floor.get((r.backbone, task))) is None
+                                              or (c.median > f if higher else c.median < f))}
     if len(shown) < 2:
         return {}
     order = sorted(set(shown.values()), key=float, reverse=higher)[:2]

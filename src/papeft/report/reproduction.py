@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import statistics
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -20,7 +19,7 @@ from omegaconf import OmegaConf
 from papeft.io import write_text
 from papeft.report.formats import tex_escape
 from papeft.report.intervals import Interval, cell_interval, example_scores, paired_interval
-from papeft.report.rows import FLOOR_METHODS, ZERO_SHOT
+from papeft.report.rows import FLOOR_METHODS
 
 Runs = dict[int, tuple[dict, dict | None]]          # seed -> (metrics record, uid -> per-example score)
 
@@ -49,18 +48,6 @@ def majority_scores(records: Iterable[dict]) -> dict[tuple[str, str], tuple[str,
             if key not in found or rank > found[key][0]:
                 found[key] = (rank, str(rec["metric"]), float(floor["score"]))
     return {key: (metric, score) for key, (_, metric, score) in found.items()}
-
-
-def floors(records: Sequence[dict]) -> dict[tuple[str, str], float]:
-    """(backbone, task) -> the higher of the majority-class rate and the zero-shot median (deduped records in)."""
-    out = {key: score for key, (_, score) in majority_scores(records).items()}
-    zero: dict[tuple[str, str], list[float]] = {}
-    for rec in records:
-        if rec["method"] == ZERO_SHOT and not math.isnan(rec["score"]):
-            zero.setdefault((str(rec["backbone"]), str(rec["task"])), []).append(float(rec["score"]))
-    for key, scores in zero.items():
-        out[key] = max(out.get(key, -math.inf), statistics.median(scores))
-    return out
 
 
 def run_config(record: dict) -> dict:

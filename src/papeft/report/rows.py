@@ -38,6 +38,7 @@ class Cell:
 ZERO_SHOT = "zero_shot"
 MAJORITY = "majority class"
 FLOOR_METHODS = (MAJORITY, ZERO_SHOT)
+LOWER_IS_BETTER = frozenset({"loss", "perplexity", "ppl", "wer", "ter"})
 
 
 @dataclass
@@ -52,6 +53,18 @@ class Row:
     @property
     def floor(self) -> bool:
         return self.method in FLOOR_METHODS
+
+
+def floors(rows: Sequence[Row]) -> dict[tuple[str, str], float]:
+    """(backbone, task) -> the floor a trained cell must beat: the best of its floor rows' medians
+    (majority class, zero-shot), by the metric's direction. The one floor rule of every table and claim."""
+    out: dict[tuple[str, str], float] = {}
+    for row in rows:
+        for task, cell in row.cells.items() if row.floor else ():
+            if cell.n:
+                key, better = (row.backbone, task), max if str(cell.metric).lower() not in LOWER_IS_BETTER else min
+                out[key] = better(out[key], cell.median) if key in out else cell.median
+    return out
 
 
 def quantile(values: Sequence[float], q: float) -> float:

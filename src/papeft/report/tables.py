@@ -28,8 +28,8 @@ from typing import Any, Iterable, Sequence
 from papeft.io import write_text
 from papeft.report.formats import to_csv, to_latex, to_markdown
 from papeft.report.provenance import short_commit
-from papeft.report.reproduction import floors, group_runs, majority_scores, protocol_lines, write_reproduction
-from papeft.report.rows import FLOOR_METHODS, MAJORITY, Cell, Row, quantile
+from papeft.report.reproduction import group_runs, majority_scores, protocol_lines, write_reproduction
+from papeft.report.rows import FLOOR_METHODS, MAJORITY, Cell, Row, floors, quantile
 
 REQUIRED = ("backbone", "method", "task", "seed", "metric", "score",
             "params_trainable_no_bias", "status")
@@ -295,7 +295,7 @@ def write_tables(run_dirs_or_metrics: Sequence[Path | str | dict], out_stem: Pat
         paths.update(write_reproduction(good, stem, reference, [r.method for r in rows], notes))
     if claims_from is not None:
         from papeft.report.claims import write_claims
-        paths.update(write_claims(good, group_runs(good), Path(claims_from), stem, notes))
+        paths.update(write_claims(floors(rows), group_runs(good), Path(claims_from), stem, notes))
     return paths
 
 
@@ -317,7 +317,7 @@ def write_plots(root: Path, out_dir: Path) -> list[Path]:
     panels = {t: p for t, p in panels.items() if len(p) > 1}
     if panels:
         task_floors: dict[str, float] = {}
-        for (_, task), score in floors(records).items():
+        for (_, task), score in floors(table).items():
             task_floors[task] = max(task_floors.get(task, score), score)
         written += plot_methods_budget(panels, task_floors, out_dir / "budget-methods",
                                        title="score against tunable parameters, each method at its own budget")
