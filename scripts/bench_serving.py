@@ -1,6 +1,6 @@
 """Serving under load: throughput and latency against arrival rate, many tenants, one backbone.
 
-    python scripts/bench_serving.py                                         # SmolLM2-135M, the full grid (~1 h)
+    python scripts/bench_serving.py                                  # SmolLM2-135M, the full grid (~1.5 h)
     python scripts/bench_serving.py --settings 64:zipf --rates 1,2 --requests 20     # a quick look
     python scripts/bench_serving.py --backbone tiny_llama --settings 4:zipf --rates 4 --requests 6 --tenants 4
 
@@ -13,7 +13,8 @@ Zipf-skewed, prompts and answer lengths from the E2E test set (the chat template
 answer length = the first reference's tokens, every server made to produce exactly that many).
 Per setting and rate the servers replay the same trace in turn, their order reversed at every
 rate. After the timed runs, a seeded sample of each run's answers is compared with the offline
-engine (`MultiTenantEngine.generate`, the request alone) in this process.
+engine (`MultiTenantEngine.generate`, the request alone) in this process. Stopped midway, the same
+command on the same machine resumes from the last finished rate (papeft.bench.serving_runs.RunStore).
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import argparse
 import contextlib
 import copy
 import os
-import random
 import shlex
 import shutil
 import statistics
@@ -35,11 +35,11 @@ import httpx
 import torch
 
 from papeft.backbone.loading import DTYPES, backbone_config, load_backbone, load_random_weights
-from papeft.bench.load import free_port, make_trace, run_replay, slo_ms, summarise, sustained
+from papeft.bench.load import free_port, make_trace, run_replay, summarise
 from papeft.bench.profiling import op_profile
+from papeft.bench.serving_runs import RunStore, targets
 from papeft.bench.tables import machine, save_run
 from papeft.bench.tenants import random_adapter
-from papeft.io import write_json
 from papeft.serving import ContinuousBatcher, Job, MultiTenantEngine, Request
 from papeft.tasks import get_task
 from papeft.tasks.prompting import PromptFormatter
@@ -131,17 +131,16 @@ def probe_rates(url: str, examples, model: str, args) -> tuple[list[float], floa
     return [round(f * capacity, 2) for f in AUTO_FRACTIONS], capacity
 
 
-def check_sample(engine: MultiTenantEngine, server: str, outcomes, k: int, seed: int) -> tuple[int, int]:
-    """(checked, mismatched): `k` answered requests of a run, regenerated alone by the offline engine."""
-    answered = [o for o in outcomes if o.ok]
-    sample = random.Random(seed).sample(answered, min(k, len(answered)))
+def check_sample(engine: MultiTenantEngine, server: str, sample: list[dict]) -> int:
+    """How many of a run's sampled answers (papeft.bench.serving_runs) the offline engine, given each
+    request alone, answers otherwise."""
     bad = 0
-    for o in sample:
-        tenant = None if server == "bare" else f"{server}/{tenant_name(o.arrival.tenant)}"
-        n = o.arrival.answer_tokens
-        ref = engine.generate([Request(list(o.arrival.prompt), tenant)], max_new_tokens=n, min_new_tokens=n)[0]
-        bad += ref.tokens != o.tokens
-    return len(sample), bad
+    for answer in sample:
+        tenant = None if server == "bare" else f"{server}/{tenant_name(answer['tenant'])}"
+        n = len(answer["tokens"])
+        ref = engine.generate([Request(list(answer["prompt"]), tenant)], max_new_tokens=n, min_new_tokens=n)[0]
+        bad += ref.tokens != answer["tokens"]
+    return bad
 
 
 def tenant_name(rank: int) -> str:
@@ -171,52 +170,6 @@ def profile(engines: dict[str, MultiTenantEngine], examples, args) -> str:
     title = (f"{len(burst)} requests of the {n}-tenant {pop} trace submitted at once, the batcher run until idle "
              f"(max {args.max_rows} rows), {sum(a.answer_tokens for a in burst)} new tokens in all")
     return op_profile({s: workload(s) for s in args.servers}, title, cuda=args.device.startswith("cuda"))
-
-
-def ratio_verdict(p: float, q: float, top: float, bound: float, what: str) -> str:
-    """PARADE's sustained rate p against another's q: a rate at the top of the grid is only a lower bound."""
-    if not q:
-        return f"n/a   {what}: the other server sustained no rate tried (a lower one is needed)"
-    ratio, head = p / q, f"{what}: {p / q:.3f}x (target >= {bound})"
-    if p == top and q == top:
-        return f"n/a   {what}: both sustained the highest rate tried ({top:g} req/s): extend --rates"
-    if p == top:                                                       # a lower bound
-        return f"PASS  {head}, at least" if ratio >= bound else f"n/a   {head} or more: extend --rates"
-    if q == top and ratio >= bound:                                    # an upper bound
-        return f"n/a   {head} or less: extend --rates"
-    return f"{'PASS' if ratio >= bound else 'MISS'}  {head}"
-
-
-def targets(rows: list[dict], at: tuple[int, str]) -> list[str]:
-    """The issue's targets at (tenants, popularity): PASS / MISS with the measured ratio, n/a when the
-    runs cannot decide it (a rate at the top of the grid is a lower bound, no rate both sustain)."""
-    mine = [r for r in rows if (r["tenants"], r["popularity"]) == at]
-    slo = slo_ms(mine)
-    if slo != slo:
-        return [f"n/a   {at[0]} tenants {at[1]}: no latency objective (nothing answered at the lowest rate)"]
-    top = max(r["offered_rps"] for r in mine)
-    rate = {s: sustained([r for r in mine if r["server"] == s], slo) for s in {r["server"] for r in mine}}
-    out = [f"sustained rate (req/s, {at[0]} tenants {at[1]}, p99 objective {slo:.0f} ms): " + ", ".join(
-        f"{s} {v:g}" + (" (the highest tried)" if v == top else "") for s, v in sorted(rate.items()))]
-    p = rate.get("parade")
-    for other, bound in (("bare", 0.95), ("lora_gathered", 1.2)):
-        if p is not None and other in rate:
-            out.append(ratio_verdict(p, rate[other], top, bound, f"PARADE sustained rate vs {other}"))
-    if "parade" in rate and "lora_gathered" in rate:
-        both = min(rate["parade"], rate["lora_gathered"])
-        worse = [(r["offered_rps"], r["e2e_p99_ms"], g["e2e_p99_ms"]) for r in mine if r["server"] == "parade"
-                 for g in mine if g["server"] == "lora_gathered" and g["offered_rps"] == r["offered_rps"]
-                 and r["offered_rps"] <= both and r["e2e_p99_ms"] > g["e2e_p99_ms"]]
-        what = "PARADE p99 latency <= gathered LoRA's at every rate both sustain"
-        out.append(f"n/a   {what}: there is no such rate" if not both else
-                   f"{'PASS' if not worse else 'MISS'}  {what} (<= {both:g} req/s)"
-                   + "".join(f"; at {r:g}: {a:.0f} vs {b:.0f} ms" for r, a, b in worse))
-    lost = sum(r["requests"] - r["answered"] for r in mine)
-    wrong = sum(r["mismatched"] for r in mine)
-    out.append(f"{'PASS' if not lost and not wrong else 'MISS'}  no request lost or answered wrongly: {lost} "
-               f"unanswered of {sum(r['requests'] for r in mine)}, {wrong} of {sum(r['checked'] for r in mine)} "
-               "checked answers differ from the offline engine")
-    return out
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -281,23 +234,10 @@ def parse_args(argv):
     return args
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    cfg = backbone_config(args.backbone)
-    model, tok = backbone(args)
-    vocab = model.config.vocab_size                                      # a random paper shape may be smaller
-    examples = [([t % vocab for t in ids], n) for ids, n in e2e_examples(tok, cfg, args.data_root, args.max_answer)]
-    tmp = Path(tempfile.mkdtemp(prefix="bench_serving-"))
-    dirs = {}
-    for name in args.servers:
-        yaml = SERVERS[name][0]
-        dirs[name] = tmp / name
-        for k in range(args.tenants if yaml else 0):
-            random_adapter(model.config, yaml, seed=k, directory=dirs[name] / tenant_name(k))
-    del model
+def measure(args, examples, dirs: dict[str, Path], tmp: Path, store: RunStore) -> None:
+    """The servers as processes: warm-up, the saturation probe (--rates auto, once per store), then every
+    (setting, rate) the store lacks, each server replaying the same trace in turn; stopped afterwards."""
     procs = {name: start_server(name, args, dirs[name] if SERVERS[name][0] else None, tmp) for name in args.servers}
-    rows, kept = [], []
     try:
         for name, (proc, url) in procs.items():
             wait_ready(proc, url, name, tmp)
@@ -305,30 +245,35 @@ def main(argv=None) -> int:
             warm = make_trace(examples, args.warmup, 1e4, min(args.tenants, args.warmup) or 1, "uniform", seed=99)
             run_replay(url, warm, model_of(name, args), args.drain)
             wait_idle(procs[name][0], url, name)
-        probed = None
-        if args.rates is None:
+        if store.rates is None and args.rates is None:
             reference = "bare" if "bare" in procs else args.servers[0]
-            args.rates, probed = probe_rates(procs[reference][1], examples, model_of(reference, args)(0), args)
+            rates, probed = probe_rates(procs[reference][1], examples, model_of(reference, args)(0), args)
             wait_idle(*procs[reference], reference)
+            store.set_rates(rates, probed)
             print(f"# saturation probe ({reference}, {args.probe_requests} requests at once): {probed:.2f} req/s; "
-                  f"rates {args.rates}", flush=True)
+                  f"rates {rates}", flush=True)
+        elif store.rates is None:
+            store.set_rates(args.rates, None)
         for n, pop in args.settings:
-            for i, rate in enumerate(args.rates):
+            for i, rate in enumerate(store.rates):
+                if store.has(n, pop, rate):
+                    continue
                 trace = make_trace(examples, args.requests, rate, n, pop, seed=args.seed)
+                rows, kept = [], []
                 for name in (args.servers if i % 2 == 0 else args.servers[::-1]):
                     url = procs[name][1]
                     outcomes, wall = run_replay(url, trace, model_of(name, args), args.drain)
                     wait_idle(procs[name][0], url, name)
-                    rows.append({"tenants": n, "popularity": pop, "server": name, **summarise(outcomes, rate),
-                                 "checked": 0, "mismatched": 0})
+                    rows.append(r := {"tenants": n, "popularity": pop, "server": name, **summarise(outcomes, rate),
+                                      "checked": 0, "mismatched": 0})
                     kept.append(outcomes)
-                    r = rows[-1]
                     print(f"{n:>3} {pop:<8} {rate:>5g} req/s {name:<14} answered {r['answered']}/{r['requests']} "
                           f"{r['tok_s']:7.1f} tok/s  ttft p50/p99 {r['ttft_p50_ms']:7.0f}/{r['ttft_p99_ms']:7.0f} ms"
                           f"  e2e p50/p99 {r['e2e_p50_ms']:7.0f}/{r['e2e_p99_ms']:7.0f} ms  ({wall:.0f} s)", flush=True)
+                store.add(rows, kept, args.check, args.seed)
     except BaseException:
-        if rows:                                           # what was measured, in a file no table is made from
-            write_json(Path(args.out) / f"serving-partial-{int(time.time())}.json", {"args": vars(args), "rows": rows})
+        if store.rows:
+            print(f"# {len(store.rows)} runs kept in {store.path}: the same command resumes from there", flush=True)
         raise
     finally:
         for proc, _ in procs.values():
@@ -338,29 +283,56 @@ def main(argv=None) -> int:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    engines = offline_engines(args, dirs)                                 # untimed: the servers are gone
-    for k, (row, outcomes) in enumerate(zip(rows, kept)):
-        row["checked"], row["mismatched"] = check_sample(engines[row["server"]], row["server"], outcomes,
-                                                         args.check, seed=args.seed + k)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    cfg = backbone_config(args.backbone)
+    model, tok = backbone(args)
+    vocab = model.config.vocab_size                                      # a random paper shape may be smaller
+    examples = [([t % vocab for t in ids], n) for ids, n in e2e_examples(tok, cfg, args.data_root, args.max_answer)]
     label = f"{args.backbone}-{args.device}" + ("-random" if args.random_weights else "") + \
         (f"-{args.dtype}" if args.dtype else "")
+    stem = Path(args.out) / f"serving-{label}"
+    store = RunStore(stem, {**{k: v for k, v in vars(args).items() if k not in ("out", "data_root", "profile")},
+                            "machine": machine(args.device)})
+    if store.rows:
+        print(f"# resuming from {store.path}: {len(store.rows)} runs done", flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_serving-"))
+    dirs = {}
+    for name in args.servers:
+        yaml = SERVERS[name][0]
+        dirs[name] = tmp / name
+        for k in range(args.tenants if yaml else 0):
+            random_adapter(model.config, yaml, seed=k, directory=dirs[name] / tenant_name(k))
+    del model
+    if store.rates is None or not all(store.has(n, pop, r) for n, pop in args.settings for r in store.rates):
+        measure(args, examples, dirs, tmp, store)
+    engines = offline_engines(args, dirs)                                 # untimed: the servers are gone
+    rows = store.rows
+    for row, sample in zip(rows, store.samples):
+        row["checked"], row["mismatched"] = len(sample), check_sample(engines[row["server"]], row["server"], sample)
     command = "python scripts/bench_serving.py" + "".join(" " + shlex.quote(a) for a in argv)
     result = [t for setting in args.settings for t in targets(rows, setting)]
-    grid = (f"rates {args.rates} req/s = {AUTO_FRACTIONS} x the bare server's saturated throughput "
-            f"({probed:.2f} req/s, {args.probe_requests} requests at once)" if probed else f"rates {args.rates} req/s")
+    probed = store.probed
+    grid = (f"rates {store.rates} req/s = {AUTO_FRACTIONS} x the bare server's saturated throughput "
+            f"({probed:.2f} req/s, {args.probe_requests} requests at once)" if probed else f"rates {store.rates} req/s")
     weights = "random weights (seed 0), prompt ids modulo the vocabulary; " if args.random_weights else ""
+    commits = sorted({str(r["commit"]) for r in rows})
     header = (f"Serving under load, {label}: iteration-level batching (max {args.max_rows} rows), {args.requests} "
               f"requests per run, Poisson arrivals, E2E test prompts and answer lengths ({len(examples)} MRs; median "
               f"{statistics.median(len(p) for p, _ in examples):g} prompt and "
               f"{statistics.median(n for _, n in examples):g} answer tokens); servers replay the same "
               f"seeded trace in turn; {grid}; {weights}server torch threads {args.threads or 'default'}.\n"
-              f"Made by `{command}` on {machine(args.device)} (this process).\nsustained = the highest "
-              "offered rate up to which every request was answered and p99 end-to-end latency met one objective for "
-              "all servers of a setting: 3x the bare backbone's p99 at the lowest rate.\n" + "\n".join(result))
-    stem = Path(args.out) / f"serving-{label}"
+              f"Made by `{command}` on {machine(args.device)} (this process), papeft {', '.join(commits)}.\n"
+              "sustained = the highest offered rate up to which every request was answered and p99 end-to-end "
+              "latency met one objective for all servers of a setting: 3x the bare backbone's p99 at the lowest "
+              "rate.\n" + "\n".join(result))
     text = profile(engines, examples, args) if args.profile else None
     save_run(stem, rows, header, args, result, columns=COLUMNS, profile=text, command=command)
     plot(rows, stem.with_suffix(".png"), f"Serving under load, {label}, {machine(args.device).split(',')[0]}")
+    store.remove()
     print("\n".join(result + [f"wrote {stem}.{{md,csv,tex,json,png}}"]))
     shutil.rmtree(tmp, ignore_errors=True)                              # adapters and server logs (kept on failure)
     return 0

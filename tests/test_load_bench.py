@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from papeft.bench.load import make_trace, popularity, run_replay, slo_ms, summarise, sustained
+from papeft.bench.serving_runs import ratio_verdict, targets
 from papeft.serving import MultiTenantEngine, Request
 from papeft.serving.api import make_app
 from papeft.serving.continuous import ContinuousBatcher
@@ -43,24 +44,23 @@ def test_sustained_rate_stops_where_p99_misses_the_objective_or_a_request_is_los
 
 
 def test_targets_compare_parade_with_bare_and_gathered_lora():
-    bench = load_script("bench_serving")
     rows = [{"tenants": 64, "popularity": "zipf", "server": s, **row(r, p), "checked": 2, "mismatched": 0}
             for s, curve in {"bare": [100, 120, 900], "parade": [100, 130, 800],
                              "lora_gathered": [100, 900, 900]}.items() for r, p in zip((1, 2, 4), curve)]
-    lines = bench.targets(rows, (64, "zipf"))
+    lines = targets(rows, (64, "zipf"))
     assert "PASS  PARADE sustained rate vs bare: 1.000x" in lines[1]
     assert "PASS  PARADE sustained rate vs lora_gathered: 2.000x" in lines[2]
     assert lines[3].startswith("PASS") and lines[4].startswith("PASS")
     rows[3]["e2e_p99_ms"] = 150                                      # PARADE's p99 150 vs LoRA's 100 at 1 req/s
-    assert bench.targets(rows, (64, "zipf"))[3].startswith("MISS  PARADE p99 latency")
+    assert targets(rows, (64, "zipf"))[3].startswith("MISS  PARADE p99 latency")
     rows[0]["mismatched"] = 1
-    assert bench.targets(rows, (64, "zipf"))[-1].startswith("MISS  no request lost or answered wrongly")
+    assert targets(rows, (64, "zipf"))[-1].startswith("MISS  no request lost or answered wrongly")
     for r in rows:                                                   # nobody saturated: nothing to decide
         r["e2e_p99_ms"] = 100
-    lines = bench.targets(rows, (64, "zipf"))
+    lines = targets(rows, (64, "zipf"))
     assert all(line.startswith("n/a") for line in lines[1:3]) and "extend --rates" in lines[1]
-    assert bench.ratio_verdict(4, 2, top=4, bound=1.2, what="x").startswith("PASS  x: 2.000x (target >= 1.2), at least")
-    assert bench.ratio_verdict(2, 4, top=4, bound=0.95, what="x").startswith("MISS")
+    assert ratio_verdict(4, 2, top=4, bound=1.2, what="x").startswith("PASS  x: 2.000x (target >= 1.2), at least")
+    assert ratio_verdict(2, 4, top=4, bound=0.95, what="x").startswith("MISS")
 
 
 def test_replay_against_the_endpoint_answers_every_request_as_the_offline_engine(tmp_path):
@@ -83,16 +83,38 @@ def test_replay_against_the_endpoint_answers_every_request_as_the_offline_engine
     assert s["answered"] == 12 and s["tok_s"] > 0 and s["e2e_p50_ms"] <= s["e2e_p99_ms"]
 
 
-def test_the_benchmark_end_to_end_on_a_tiny_backbone(tmp_path, shared_data, monkeypatch):
-    """Two servers as processes on the loopback address, the saturation probe, one rate, the checks, the files."""
+def test_the_benchmark_end_to_end_on_a_tiny_backbone_stopped_and_resumed(tmp_path, shared_data, monkeypatch):
+    """Two servers as processes on the loopback address, the saturation probe, the rates, the checks, the
+    files; stopped after two rates, the same command resumes from there (no probe, no run measured twice)."""
     monkeypatch.setenv("PAPEFT_DATA", str(shared_data))
     bench = load_script("bench_serving")
-    assert bench.main(["--backbone", "tiny_llama", "--servers", "bare,parade", "--settings", "2:zipf", "--tenants",
-                       "2", "--requests", "3", "--probe-requests", "3", "--max-answer", "4", "--warmup", "1",
-                       "--check", "2", "--out", str(tmp_path)]) == 0
+    replay, calls, stop_at = bench.run_replay, [], [8]    # 2 warm-ups, the probe, 2 rates x 2 servers, stop
+
+    class Stopped(Exception):                          # a session's end, say
+        pass
+
+    def counted(url, trace, *rest):
+        calls.append(len(trace))
+        if len(calls) in stop_at:
+            raise Stopped
+        return replay(url, trace, *rest)
+    monkeypatch.setattr(bench, "run_replay", counted)
+    argv = ["--backbone", "tiny_llama", "--servers", "bare,parade", "--settings", "2:zipf", "--tenants", "2",
+            "--requests", "3", "--probe-requests", "5", "--max-answer", "4", "--warmup", "1", "--check", "2",
+            "--out", str(tmp_path)]
+    with pytest.raises(Stopped):
+        bench.main(argv)
+    progress, = tmp_path.glob("serving-tiny_llama-cpu.progress-*.json")
+    kept = json.loads(progress.read_text())
+    assert len(kept["rows"]) == 4 and len(kept["rates"]) == 7 and not (tmp_path / "serving-tiny_llama-cpu.json").exists()
+    calls.clear(), stop_at.clear()
+    assert bench.main(argv) == 0
+    assert calls == [1, 1] + [3] * 10                 # warm-ups, then only the 5 rates left, both servers each
     saved = json.loads((tmp_path / "serving-tiny_llama-cpu.json").read_text())
     assert {r["server"] for r in saved["rows"]} == {"bare", "parade"} and len(saved["rows"]) == 2 * 7
+    assert saved["rows"][:4] == [{**r, "checked": 2} for r in kept["rows"]]
+    assert sorted({r["offered_rps"] for r in saved["rows"]}) == kept["rates"]
     assert all(r["answered"] == r["requests"] == 3 and r["mismatched"] == 0 and r["checked"] == 2
                for r in saved["rows"])
     assert "saturated throughput" in saved["header"] and saved["targets"][-1].startswith("PASS  no request lost")
-    assert (tmp_path / "serving-tiny_llama-cpu.png").stat().st_size > 0
+    assert (tmp_path / "serving-tiny_llama-cpu.png").stat().st_size > 0 and not progress.exists()
