@@ -128,12 +128,13 @@ def probe_rates(url: str, examples, model: str, args) -> tuple[list[float], floa
     capacity = summarise(outcomes, 1e4)["req_s"]
     if not capacity > 0:
         raise SystemExit("the saturation probe got no answer: see the bare server's log")
-    return [round(f * capacity, 2) for f in AUTO_FRACTIONS], capacity
+    return sorted({float(f"{f * capacity:.3g}") for f in AUTO_FRACTIONS}), capacity
 
 
 def check_sample(engine: MultiTenantEngine, server: str, sample: list[dict]) -> int:
     """How many of a run's sampled answers (papeft.bench.serving_runs) the offline engine, given each
-    request alone, answers otherwise."""
+    request alone, answers otherwise. Exact tokens: in fp32 on a CPU a row's logits do not depend on its
+    batch beyond rounding, which flips no argmax here; in bf16 on a GPU a near-tie may flip and count."""
     bad = 0
     for answer in sample:
         tenant = None if server == "bare" else f"{server}/{tenant_name(answer['tenant'])}"
@@ -216,13 +217,15 @@ def parse_args(argv):
     ap.add_argument("--max-waiting", type=int, default=256)
     ap.add_argument("--check", type=int, default=3, help="answers per run compared with the offline engine")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--warmup", type=int, default=4, help="untimed requests per server before the runs")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed requests per server, all at once, before "
+                    "the runs: every server warmed alike on full batches (default: --max-rows)")
     ap.add_argument("--profile", action="store_true", help="after the runs, per-op self times of each server's "
                     "batcher on one burst, in this process (<stem>-profile.txt)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per server (0: torch's default)")
     ap.add_argument("--data-root", default=os.environ.get("PAPEFT_DATA", str(REPO.parent / "shared" / "data")))
     ap.add_argument("--out", default=str(REPO / "results/bench"))
     args = ap.parse_args(argv)
+    args.warmup = args.max_rows if args.warmup is None else args.warmup
     args.servers = [s for s in args.servers.split(",") if s]
     unknown = sorted(set(args.servers) - set(SERVERS))
     if unknown:
@@ -241,8 +244,8 @@ def measure(args, examples, dirs: dict[str, Path], tmp: Path, store: RunStore) -
     try:
         for name, (proc, url) in procs.items():
             wait_ready(proc, url, name, tmp)
-        for name, (_, url) in procs.items():                             # first calls are slow: not timed
-            warm = make_trace(examples, args.warmup, 1e4, min(args.tenants, args.warmup) or 1, "uniform", seed=99)
+        for name, (_, url) in procs.items() if args.warmup else ():      # first calls are slow: not timed
+            warm = make_trace(examples, args.warmup, 1e4, args.tenants, "uniform", seed=99)   # all at once
             run_replay(url, warm, model_of(name, args), args.drain)
             wait_idle(procs[name][0], url, name)
         if store.rates is None and args.rates is None:
@@ -321,7 +324,8 @@ def main(argv=None) -> int:
     weights = "random weights (seed 0), prompt ids modulo the vocabulary; " if args.random_weights else ""
     commits = sorted({str(r["commit"]) for r in rows})
     header = (f"Serving under load, {label}: iteration-level batching (max {args.max_rows} rows), {args.requests} "
-              f"requests per run, Poisson arrivals, E2E test prompts and answer lengths ({len(examples)} MRs; median "
+              f"requests per run (its p99 is close to its slowest), Poisson arrivals, E2E test prompts and answer "
+              f"lengths ({len(examples)} MRs; median "
               f"{statistics.median(len(p) for p, _ in examples):g} prompt and "
               f"{statistics.median(n for _, n in examples):g} answer tokens); servers replay the same "
               f"seeded trace in turn; {grid}; {weights}server torch threads {args.threads or 'default'}.\n"

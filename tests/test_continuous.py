@@ -183,6 +183,35 @@ def test_a_failing_iteration_answers_its_jobs_and_the_worker_lives_on(engine, mo
         batcher.stop()
 
 
+def test_failures_outside_a_decode_step_never_stop_the_worker(engine, tmp_path, monkeypatch):
+    """A tenant whose soft prompt fails: 500, its own; a tenant whose unload fails: refused from then on;
+    an iteration failing outside its guard: the jobs in hand answered 500. The worker serves on."""
+    engine.add_tenant("sticky", adapter(tmp_path, "ia3", seed=6)[0])
+    sticky = engine.tenants["sticky"]
+    batcher = ContinuousBatcher(engine)
+    batcher.start()
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(engine.banks[engine._bank_of["lopa"]], "prompt_for", lambda *a: 1 / 0)
+            soft = batcher.submit(Job(Request(prompts(1)[0], "lopa"), max_new_tokens=NEW))
+            assert soft.wait(timeout=60) and soft.status == 500 and "its soft prompt" in soft.result.error
+            m.setattr(engine, "remove_tenant", lambda name: 1 / 0)
+            batcher.remove_tenant("sticky")
+            m.setattr(batcher, "_admit", lambda: 1 / 0)
+            lost = batcher.submit(Job(Request(prompts(1)[0], "parade"), max_new_tokens=NEW))
+            assert lost.wait(timeout=60) and lost.status == 500 and "internal error" in lost.result.error
+        gone = batcher.submit(Job(Request(prompts(1)[0], "sticky"), max_new_tokens=NEW))
+        assert gone.wait(timeout=60) and gone.status == 404 and "unloading its weights failed" in gone.result.error
+        later = batcher.submit(Job(Request(prompts(1, seed=9)[0], "lopa"), max_new_tokens=NEW))
+        assert later.wait(timeout=60) and batcher.alive
+        assert later.result.tokens == offline(engine, later.request, 1).tokens
+    finally:
+        batcher.stop()
+        engine.refused.pop("sticky", None)
+        engine.tenants["sticky"] = sticky                   # unloaded for good: the engine is the module's
+        engine.remove_tenant("sticky")
+
+
 def test_a_backbone_whose_generation_config_the_decoders_cannot_follow_is_refused():
     m = backbone()
     m.generation_config.repetition_penalty = 1.3

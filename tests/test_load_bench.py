@@ -106,7 +106,8 @@ def test_the_benchmark_end_to_end_on_a_tiny_backbone_stopped_and_resumed(tmp_pat
         bench.main(argv)
     progress, = tmp_path.glob("serving-tiny_llama-cpu.progress-*.json")
     kept = json.loads(progress.read_text())
-    assert len(kept["rows"]) == 4 and len(kept["rates"]) == 7 and not (tmp_path / "serving-tiny_llama-cpu.json").exists()
+    assert len(kept["rows"]) == 4 and len(kept["rates"]) == 7
+    assert not (tmp_path / "serving-tiny_llama-cpu.json").exists()
     calls.clear(), stop_at.clear()
     assert bench.main(argv) == 0
     assert calls == [1, 1] + [3] * 10                 # warm-ups, then only the 5 rates left, both servers each

@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerFast
 
 from papeft.bench.load import free_port
 from papeft.serving import MultiTenantEngine, Request
-from papeft.serving.api import make_app
+from papeft.serving.api import Reply, make_app
 from papeft.serving.continuous import ContinuousBatcher
 from papeft.tasks.prompting import PromptFormatter
 from conftest import REPO, VOCAB, float64
@@ -149,6 +149,22 @@ def test_bad_requests_get_a_4xx_with_the_reason(server, body, status, says):
     r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
     assert r.status_code == status and says in r.json()["error"]["message"], r.text
     assert httpx.post(f"{url}/v1/completions", content=b"{not json", timeout=30).status_code == 400
+    big = httpx.post(f"{url}/v1/completions", content=b" " * ((1 << 20) + 1), timeout=30)
+    assert big.status_code == 413 and "1048576 bytes" in big.json()["error"]["message"]
+
+
+def test_a_chat_its_template_refuses_is_a_bad_request_and_any_end_token_stops():
+    tok = char_tokenizer()
+    tok.chat_template = "{% if messages|length > 1 %}{{ raise_exception('roles must alternate') }}{% endif %}" + CHAT
+    with float64():
+        engine = MultiTenantEngine(backbone())
+        with serving(make_app(ContinuousBatcher(engine), tok, "tiny")) as url:
+            turns = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+            r = httpx.post(f"{url}/v1/chat/completions", json={"model": "tiny", "messages": turns}, timeout=30)
+    assert r.status_code == 400 and "roles must alternate" in r.json()["error"]["message"], r.text
+    reply = Reply(False, "tiny", 3, tok, True, eos={2, 7})
+    assert reply.finish_reason([5, 7], 2) == "stop" and reply.finish_reason([5, 6], 2) == "length"
+    assert reply.finish_reason([7], 2) == "stop" and reply.finish_reason([5], 2) == "stop"
 
 
 def test_out_of_vocabulary_token_ids_are_refused(server):
@@ -166,7 +182,7 @@ def test_a_full_queue_answers_429_and_the_waiting_request_is_served_after():
         try:
             first = pool.submit(client.post, "/v1/completions", json={"model": "tiny", "prompt": [5, 6],
                                                                       "max_tokens": 3})
-            waiting_reaches(url, 1)
+            assert waiting_reaches(url, 1)
             r = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi"})
             assert r.status_code == 429 and r.headers["retry-after"] == "1" and "max_waiting=1" in r.text
         finally:
@@ -178,7 +194,7 @@ def test_a_client_that_disconnects_takes_its_request_out_of_the_queue():
     with float64():
         batcher = ContinuousBatcher(MultiTenantEngine(backbone()), max_waiting=4)
         app = make_app(batcher, char_tokenizer(), "tiny")
-    with serving(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+    with serving(app) as url:
         batcher.lock.acquire()                               # the request can only wait
         try:
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -203,7 +219,7 @@ def test_a_stream_whose_tenant_goes_before_it_starts_gets_a_404():
             try:
                 reply = pool.submit(httpx.post, f"{url}/v1/completions", timeout=30,
                                     json={"model": "brief", "prompt": [5, 6], "stream": True})
-                waiting_reaches(url, 1)
+                assert waiting_reaches(url, 1)
                 batcher.remove_tenant("brief")               # the lock is reentrant: same thread
             finally:
                 batcher.lock.release()

@@ -104,7 +104,7 @@ async def _one(session: aiohttp.ClientSession, url: str, model: str, a: Arrival,
                     out.ttft_s = loop.time() - sent
                 out.tokens += new
         out.e2e_s = loop.time() - sent
-    except aiohttp.ClientError as e:
+    except (aiohttp.ClientError, ValueError, KeyError, IndexError, TypeError) as e:   # a broken answer: failed
         out.error = f"{type(e).__name__}: {e}"
 
 

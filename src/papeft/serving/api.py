@@ -30,6 +30,7 @@ import uuid
 from pathlib import Path
 
 from aiohttp import web
+from jinja2 import TemplateError
 
 from papeft.serving.continuous import ContinuousBatcher, Job, QueueFull, Stopped
 from papeft.serving.engine import Request
@@ -104,7 +105,7 @@ def prompt_ids(body: dict, chat: bool, settings: dict) -> list[int]:
         turns = [m for m in msgs if m["role"] != "system"]
         try:
             ids = PromptFormatter(tok, settings["chat_template"], system).encode_prompt(turns)
-        except ValueError as e:
+        except (ValueError, TemplateError) as e:                 # e.g. a template that wants alternating roles
             raise BadRequest(400, f"'messages': {e}", "messages") from e
     else:
         prompt = body.get("prompt")
@@ -145,8 +146,8 @@ async def completions(request: web.Request, chat: bool = False) -> web.StreamRes
         return error(503, "the server is shutting down" if settings["closing"] else "the batcher is not running")
     try:
         body = await request.json()
-    except web.HTTPRequestEntityTooLarge as e:
-        return error(413, f"the body is larger than {e.max_size} bytes")
+    except web.HTTPRequestEntityTooLarge:
+        return error(413, f"the body is larger than the {settings['max_body_bytes']} bytes this server accepts")
     except (ValueError, UnicodeDecodeError) as e:
         return error(400, f"the body is not JSON: {e}")
     try:
@@ -172,7 +173,7 @@ async def completions(request: web.Request, chat: bool = False) -> web.StreamRes
         return error(503, str(e))
     except ValueError as e:
         return error(404 if "removed" in str(e) else 400, str(e))
-    reply = Reply(chat, body["model"], len(ids), settings["tokenizer"], params["token_ids"])
+    reply = Reply(chat, body["model"], len(ids), settings["tokenizer"], params["token_ids"], set(batcher.engine.eos))
     try:
         if params["stream"]:
             return await reply.stream(request, tokens, done)
@@ -198,9 +199,10 @@ def _resolve(future: asyncio.Future, job: Job) -> None:
 class Reply:
     """The response bodies of one request: whole, or streamed as server-sent events."""
 
-    def __init__(self, chat: bool, model: str, prompt_tokens: int, tokenizer, token_ids: bool):
+    def __init__(self, chat: bool, model: str, prompt_tokens: int, tokenizer, token_ids: bool, eos: set[int]):
         self.chat, self.model, self.prompt_tokens, self.tok, self.token_ids = chat, model, prompt_tokens, \
             tokenizer, token_ids
+        self.eos = eos                                  # every end token of the model (the engine's)
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
 
@@ -220,7 +222,7 @@ class Reply:
 
     def finish_reason(self, tokens: list[int], max_new: int) -> str:
         """OpenAI's: "length" when the budget ran out before an end token, else "stop"."""
-        return "length" if len(tokens) >= max_new and tokens[-1:] != [self.tok.eos_token_id] else "stop"
+        return "length" if len(tokens) >= max_new and not (tokens and tokens[-1] in self.eos) else "stop"
 
     def text(self, tokens: list[int]) -> str:
         return self.tok.decode(tokens, skip_special_tokens=True)
@@ -339,14 +341,16 @@ async def health(request: web.Request) -> web.Response:
 def make_app(batcher: ContinuousBatcher, tokenizer, backbone_name: str, tenants_dir: str | Path | None = None,
              chat_template: str = "auto", system_prompt: str | None = None, max_new_tokens: int = 512,
              max_prompt_tokens: int = 2048, max_beams: int = 4, max_body_bytes: int = 1 << 20) -> web.Application:
-    """The aiohttp application; the batcher's worker thread starts and stops with it."""
+    """The aiohttp application; the batcher's worker thread starts and stops with it. Run it with
+    `handler_cancellation=True` (as `python -m papeft.serving` does): a client that disconnects then cancels
+    its request, streamed or not; aiohttp's default keeps computing an abandoned whole answer."""
     app = web.Application(client_max_size=max_body_bytes)
     app[BATCHER] = batcher
     app[SETTINGS] = dict(tokenizer=tokenizer, backbone_name=backbone_name, chat_template=chat_template,
                          system_prompt=system_prompt,
                          tenants_dir=None if tenants_dir is None else Path(tenants_dir).resolve(),
                          max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
-                         max_beams=min(max_beams, batcher.max_rows), closing=False,
+                         max_beams=min(max_beams, batcher.max_rows), max_body_bytes=max_body_bytes, closing=False,
                          vocab=batcher.engine.backbone.get_input_embeddings().num_embeddings)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)

@@ -218,9 +218,8 @@ class ContinuousBatcher:
         for job in jobs:
             tenant, soft, err = self.engine.check(job.request)
             if err is not None or job.request.tenant in self.removing:
-                tenant_error = err is None or err.startswith(("unknown tenant", "tenant '"))
                 self._finish(job, Result(job.request.tenant, None, err or f"tenant '{job.request.tenant}' removed"),
-                             404 if tenant_error else 400)
+                             404 if err is None else err.status)
                 continue
             valid.append(job)
             rows.append((torch.as_tensor(job.request.input_ids), tenant, soft))
@@ -327,10 +326,17 @@ class ContinuousBatcher:
             self._drop_removed_tenants()
 
     def _drop_removed_tenants(self) -> None:
+        """Unload the removed tenants no running row uses. A failed unload is logged and the name stays
+        refused (its weights may linger); it never stops the worker."""
         busy = {j.request.tenant for j in self.running}
         for name in sorted(self.removing - busy):
-            if name in self.engine.tenants:
-                self.engine.remove_tenant(name)
+            try:
+                if name in self.engine.tenants:
+                    self.engine.remove_tenant(name)
+            except Exception:  # noqa: BLE001
+                log.exception("removing tenant %r failed", name)
+                self.engine.tenants.pop(name, None)
+                self.engine.refused[name] = "removed (unloading its weights failed; see the server log)"
             self.removing.discard(name)
 
     # ---- worker thread --------------------------------------------------------
@@ -352,12 +358,16 @@ class ContinuousBatcher:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        with self.lock:                                # nobody is left waiting for an answer
+        self._answer_all("the server stopped", 503)             # nobody is left waiting for an answer
+
+    def _answer_all(self, message: str, status: int) -> None:
+        """Answer every waiting and running job with an error and empty the batch."""
+        with self.lock:
             with self.queue:
                 left, self.waiting = list(self.waiting) + self.running, collections.deque()
             self.running, self.batch, self.next_tokens, self.decoders = [], None, [], {}
             for job in left:
-                self._finish(job, Result(job.request.tenant, None, "the server stopped"), 503)
+                self._finish(job, Result(job.request.tenant, None, message), status)
 
     def _loop(self) -> None:
         while True:
@@ -366,4 +376,8 @@ class ContinuousBatcher:
                     self.queue.wait()
                 if self._stop:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001  (step answers its own failures; this is the last guard)
+                log.exception("batcher iteration failed outside its guard: every job in hand answered 500")
+                self._answer_all("internal error (see the server log)", 500)

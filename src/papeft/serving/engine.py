@@ -65,6 +65,16 @@ class Request:
     soft_prompt: torch.Tensor | None = None    # (m, d) prefix embeddings travelling with the request (LoPA)
 
 
+class RequestError(str):
+    """An error of `MultiTenantEngine.check`, with the status a server answers it with: 404 (the tenant is
+    unknown or was refused), 400 (the request's own input), 500 (the tenant failed on a valid request)."""
+
+    def __new__(cls, message: str, status: int = 400):
+        error = super().__new__(cls, message)
+        error.status = status
+        return error
+
+
 @dataclass
 class Result:
     tenant: str | None
@@ -192,35 +202,37 @@ class MultiTenantEngine:
         return params + sum(self.banks[k].nbytes() for k in {self._bank_of[n] for n in names if n in self._bank_of})
 
     # ---- requests -------------------------------------------------------------
-    def check(self, r: Request) -> tuple[Tenant | None, torch.Tensor | None, str | None]:
+    def check(self, r: Request) -> tuple[Tenant | None, torch.Tensor | None, RequestError | None]:
         """(tenant, soft prompt, error) of one request; never raises."""
         tenant = None
         if r.tenant is not None:
             if r.tenant not in self.tenants:
                 why = self.refused.get(r.tenant)
-                return None, None, (f"tenant '{r.tenant}' was refused: {why}" if why else
-                                    f"unknown tenant '{r.tenant}'; loaded: {sorted(self.tenants)}")
+                return None, None, RequestError(f"tenant '{r.tenant}' was refused: {why}" if why else
+                                                f"unknown tenant '{r.tenant}'; loaded: {sorted(self.tenants)}", 404)
             tenant = self.tenants[r.tenant]
         try:
             ids = torch.as_tensor(r.input_ids)
         except (TypeError, ValueError, RuntimeError, OverflowError) as e:
-            return None, None, f"input_ids must be token ids: {type(e).__name__}: {e}"
+            return None, None, RequestError(f"input_ids must be token ids: {type(e).__name__}: {e}")
         vocab = self.backbone.get_input_embeddings().num_embeddings
         if ids.dim() != 1 or ids.numel() == 0 or ids.is_floating_point():
-            return None, None, f"input_ids must be a non-empty 1-d list of token ids, got shape {tuple(ids.shape)}"
+            return None, None, RequestError(f"input_ids must be a non-empty 1-d list of token ids, "
+                                            f"got shape {tuple(ids.shape)}")
         if ids.min() < 0 or ids.max() >= vocab:
-            return None, None, f"token ids must lie in [0, {vocab}), got [{ids.min()}, {ids.max()}]"
+            return None, None, RequestError(f"token ids must lie in [0, {vocab}), got [{ids.min()}, {ids.max()}]")
         soft = r.soft_prompt
         if r.tenant in self._bank_of:                         # a soft-prompt tenant makes the request's own
             try:
                 made = self.banks[self._bank_of[r.tenant]].prompt_for(r.tenant, ids.to(self.device))
             except Exception as e:                            # a tenant's own failure stays its own
-                return None, None, f"tenant '{r.tenant}' failed to make its soft prompt: {e}"
+                return None, None, RequestError(f"tenant '{r.tenant}' failed to make its soft prompt: {e}", 500)
             soft = soft if made is None else made
         if soft is not None:
             d = self.backbone.config.hidden_size
             if soft.dim() != 2 or soft.shape[1] != d or not torch.isfinite(soft).all():
-                return None, None, f"soft_prompt must be a finite (m, {d}) tensor, got {tuple(soft.shape)}"
+                return None, None, RequestError(f"soft_prompt must be a finite (m, {d}) tensor, "
+                                                f"got {tuple(soft.shape)}")
         return tenant, soft, None
 
     def trim(self, tokens: list[int]) -> list[int]:
