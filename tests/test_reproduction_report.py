@@ -145,9 +145,9 @@ def test_report_cli_writes_intervals_paired_and_claims_with_verdicts(tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first            # regenerates byte-identical
 
 
-def test_claims_say_when_a_cell_is_under_the_floor_and_never_decide_on_a_coarse_seeds_only_interval(tmp_path):
+def test_claims_say_when_a_cell_is_under_the_floor_and_never_decide_on_fewer_than_five_seeds(tmp_path):
     sweep(tmp_path, {"parade": [80, 82, 81, 79, 83], "lora": [45, 46, 44, 45, 46]}, majority=50.0)
-    sweep(tmp_path, {"parade": [80, 82, 81], "ia3": [60, 61, 62]}, task="rte", majority=50.0)
+    sweep(tmp_path, {"parade": [80, 82, 81], "ia3": [60, 61, 62], "lora": [60, 61, 62]}, task="rte", majority=50.0)
     (tmp_path / "smollm2_135m/ia3/rte/seed1/predictions.jsonl").unlink()
     write_run(tmp_path, "parade", 3, 50, task="rte", extra={"score": float("nan")})    # a seed without a score
     write_run(tmp_path, "zero_shot", 0, 40, task="copa")                   # a task nothing was tuned on: no claims
@@ -161,10 +161,25 @@ def test_claims_say_when_a_cell_is_under_the_floor_and_never_decide_on_a_coarse_
     sst2 = claims[("PARADE >= lora (Table 1)", "sst2")]
     assert sst2["verdict"] == HOLDS and sst2["reason"].endswith("; lora does not beat the floor (50.0)")
     rte = claims[("PARADE >= ia3 (Table 1)", "rte")]
-    assert rte["verdict"] == UNDECIDED and "resamples 3 seeds only" in rte["reason"] and rte["ours"].endswith("†")
+    assert rte["verdict"] == UNDECIDED and "3 shared seeds of the 5" in rte["reason"] and rte["ours"].endswith("†")
+    rte = claims[("PARADE >= lora (Table 1)", "rte")]                 # per-example scores, still 3 seeds: no verdict
+    assert rte["verdict"] == UNDECIDED and "3 shared seeds of the 5" in rte["reason"] and "†" not in rte["ours"]
+    md = (tmp_path / "out/median-claims.md").read_text()
+    assert "18 score claims, each at 95%" in md and "about 0.9 of them" in md
     intervals = (tmp_path / "out/median-intervals.md").read_text()
     parade = next(line for line in intervals.splitlines() if line.startswith("| parade |"))
     assert "nan" not in parade and parade.split(" | ")[2].endswith("(n=3)")     # rte (after copa): NaN seed left out
+
+
+def test_notes_and_cuts_name_their_task_unless_they_hold_for_every_task(tmp_path):
+    write_run(tmp_path, "lora", 0, 60, cuts=["run length: 40 steps", "decoding: greedy"],
+              extra={"notes": ["test capped to 300 of 872", "fp32"]})
+    write_run(tmp_path, "lora", 0, 60, task="rte", cuts=["run length: 8 steps", "decoding: greedy"],
+              extra={"notes": ["test capped to 100 of 277", "fp32"]})
+    lines = write_tables([tmp_path], tmp_path / "median")["md"].read_text().splitlines()
+    for line in ["- Cut: sst2: run length: 40 steps", "- Cut: rte: run length: 8 steps", "- Cut: decoding: greedy",
+                 "- sst2: test capped to 300 of 872", "- rte: test capped to 100 of 277", "- fp32"]:
+        assert line in lines
 
 
 def test_unknown_reference_is_an_error(tmp_path, capsys):

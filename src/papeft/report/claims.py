@@ -22,8 +22,8 @@ RULES = (
     "- *holds*: the 95% interval of (claimed better - other) lies above 0;",
     "- *does not hold*: it lies below 0 (the other method is better);",
     "- *cannot be decided at this scale*: neither method's cell beats the task's floor (its interval's lower end "
-    "is not above the majority-class rate or the zero-shot score), the interval spans 0, it resamples seeds only "
-    "on fewer than five (too coarse), or one of the two methods has no runs on the task.",
+    "is not above the majority-class rate or the zero-shot score), the interval spans 0, the two share fewer than "
+    "five seeds (a bootstrap over two or three seeds is too narrow), or one of the two has no runs on the task.",
     "",
     "When only one of the two cells beats the floor, the reason says so.",
     "Speed claims read the committed benchmarks under results/bench/ (training step; decode tokens/s); a ratio "
@@ -32,6 +32,7 @@ RULES = (
 )
 TABLE1_BASELINES = ("lora", "adalora", "bitfit", "ia3", "houlsby", "parallel", "ptuning_v2")
 HOLDS, FAILS, UNDECIDED = "holds", "does not hold", "cannot be decided at this scale"
+MIN_SEEDS = 5
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,9 @@ def score_claim(groups: dict[tuple[str, str, str], Runs], backbone: str, task: s
     if floor is not None and not any(above.values()):
         return Claim(claim, task, paper, ours, UNDECIDED,
                      f"neither {better} nor {other} beats the floor ({floor:.1f}): both at chance on this backbone")
-    if not diff.examples and diff.n_seeds < 5:
-        return Claim(claim, task, paper, ours, UNDECIDED,
-                     f"the interval resamples {diff.n_seeds} seeds only (no per-example scores): too coarse")
+    if diff.n_seeds < MIN_SEEDS:
+        return Claim(claim, task, paper, ours, UNDECIDED, f"{diff.n_seeds} shared seeds of the {MIN_SEEDS} a verdict "
+                     "needs: an interval over so few is too narrow")
     below = [m for m, ok in above.items() if not ok] if floor is not None else []
     caveat = f"; {below[0]} does not beat the floor ({floor:.1f})" if below else ""
     if diff.low > 0:
@@ -132,12 +133,15 @@ def write_claims(floor: dict[tuple[str, str], float], groups: dict[tuple[str, st
     for backbone, task in sorted({(b, t) for b, m, t in groups if m not in FLOOR_METHODS}):   # a task tuned at all
         for text, better, other in pairs:
             claims.append(score_claim(groups, backbone, task, better, other, text, floor.get((backbone, task))))
+    scored = len(claims)
     if bench_dir is not None:
         claims += speed_claims(bench_dir)
     md = ["| claim | task | paper | ours: difference [95% interval] | verdict | reason |", "|---|---|---|---|---|---|"]
     md += [f"| {c.claim} | {c.task} | {c.paper} | {c.ours} | **{c.verdict}** | {c.reason} |" for c in claims]
     counts = {v: sum(c.verdict == v for c in claims) for v in (HOLDS, FAILS, UNDECIDED)}
-    md += ["", "Verdicts: " + ", ".join(f"{n} {v}" for v, n in counts.items()) + ".", "", *RULES]
+    md += ["", "Verdicts: " + ", ".join(f"{n} {v}" for v, n in counts.items()) + ".",
+           f"{scored} score claims, each at 95% and none corrected for the others: were no two methods different, "
+           f"about {0.05 * scored:.1f} of them would still read holds or does not hold by chance.", "", *RULES]
     md += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")

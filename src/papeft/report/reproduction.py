@@ -92,12 +92,20 @@ def protocol_lines(records: Sequence[dict]) -> list[str]:
     beams = _values(records, lambda r: r.get("num_beams"))
     precision = _values(records, lambda r: r.get("precision"))
     lines.append(f"Decoding: {', '.join(beams)} beam(s); precision {', '.join(precision)}.")
-    cuts: dict[str, None] = {}
-    for _, cfg in configs:
-        for cut in cfg.get("cuts") or []:
-            cuts.setdefault(str(cut), None)
-    lines += [f"Cut: {c}" for c in cuts]
+    tasks = [str(r["task"]) for r in records]
+    lines += [f"Cut: {c}" for c in task_notes(((str(r["task"]), str(cut)) for r, cfg in configs
+                                                for cut in cfg.get("cuts") or []), tasks)]
     return lines
+
+
+def task_notes(pairs: Iterable[tuple[str, str]], tasks: Iterable[str]) -> list[str]:
+    """(task, note) pairs -> each note once, in first-seen order, led by the tasks it holds for unless it
+    holds for every one of `tasks` (a table's tasks): a reader sees which task a cut or a split note is about."""
+    every = set(tasks)
+    holds_for: dict[str, dict[str, None]] = {}
+    for task, note in pairs:
+        holds_for.setdefault(note, {})[task] = None
+    return [note if every <= set(ts) else f"{', '.join(sorted(ts))}: {note}" for note, ts in holds_for.items()]
 
 
 def _order(keys: Iterable[tuple[str, str, str]], order: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Sequence
 from papeft.io import write_text
 from papeft.report.formats import to_csv, to_latex, to_markdown
 from papeft.report.provenance import short_commit
-from papeft.report.reproduction import group_runs, majority_scores, protocol_lines, write_reproduction
+from papeft.report.reproduction import group_runs, majority_scores, protocol_lines, task_notes, write_reproduction
 from papeft.report.rows import FLOOR_METHODS, MAJORITY, Cell, Row, floors, quantile
 
 REQUIRED = ("backbone", "method", "task", "seed", "metric", "score",
@@ -208,14 +208,12 @@ def median_table(records: Iterable[dict], failures: Iterable[dict] = (), order: 
 
 
 def collect_notes(records: Iterable[dict]) -> list[str]:
-    """Union of the ``notes`` of complete records, in first-seen order."""
-    notes: dict[str, None] = {}
-    for rec in records:
-        if isinstance(rec, dict) and rec.get("status") == "complete" and not _problem(rec):
-            raw = rec.get("notes") or []
-            for note in [raw] if isinstance(raw, str) else raw:
-                notes.setdefault(str(note), None)
-    return list(notes)
+    """Union of the ``notes`` of complete records, in first-seen order, each led by its task(s) unless it
+    holds for every task of the records."""
+    good = [r for r in records if isinstance(r, dict) and r.get("status") == "complete" and not _problem(r)]
+    pairs = [(str(r["task"]), str(note)) for r in good
+             for note in ([r.get("notes")] if isinstance(r.get("notes"), str) else r.get("notes") or [])]
+    return task_notes(pairs, [str(r["task"]) for r in good])
 
 
 def code_note(records: Iterable[dict]) -> str:
@@ -281,7 +279,7 @@ def write_tables(run_dirs_or_metrics: Sequence[Path | str | dict], out_stem: Pat
         raise ValueError("no complete or failed runs to tabulate")
     done = {_key(r) for r in good}
     failures = [f for f in failures if _key(f) not in done]
-    notes = [code_note(records)] + protocol_lines(good) + collect_notes(records)
+    notes = [code_note(good)] + protocol_lines(good) + collect_notes(good)
     if command:
         notes.append(f"Regenerate: {command}")
     stem = Path(out_stem)
