@@ -182,6 +182,16 @@ def test_notes_and_cuts_name_their_task_unless_they_hold_for_every_task(tmp_path
         assert line in lines
 
 
+def test_a_caption_names_the_cells_whose_answers_name_no_label(tmp_path):
+    write_run(tmp_path, "lora", 0, 70)
+    prose = write_run(tmp_path, "zero_shot", 0, 0) / "predictions.jsonl"
+    rows = [json.loads(line) for line in prose.read_text().splitlines()]
+    prose.write_text("".join(json.dumps({**r, "prediction": "The sentiment of the review"}) + "\n" for r in rows))
+    md = write_tables([tmp_path], tmp_path / "median")["md"].read_text()
+    line = next(line for line in md.splitlines() if "name no label word" in line)
+    assert line.endswith(": zero_shot on sst2 100%.") and "lora" not in line
+
+
 def test_unknown_reference_is_an_error(tmp_path, capsys):
     sweep(tmp_path, {"lora": [60, 61]})
     assert report_main([str(tmp_path), "--reference", "parade"]) == 1

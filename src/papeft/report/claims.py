@@ -25,7 +25,8 @@ RULES = (
     "is not above the majority-class rate or the zero-shot score), the interval spans 0, the two share fewer than "
     "five seeds (a bootstrap over two or three seeds is too narrow), or one of the two has no runs on the task.",
     "",
-    "When only one of the two cells beats the floor, the reason says so.",
+    "When only one of the two cells beats the floor, the verdict stands (at this budget one method learned the "
+    "task and the other did not) and the reason says so; the caption names the cells whose answers name no label.",
     "Speed claims read the committed benchmarks under results/bench/ (training step; decode tokens/s); a ratio "
     "within the measurements' spread (the larger of the two methods') cannot be decided.",
     "Written by `python -m papeft.report DIR --reference parade --claims results/bench` as NAME-claims.{md,csv}.",

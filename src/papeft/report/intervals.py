@@ -79,6 +79,26 @@ def example_scores(record: dict) -> dict[str, float] | None:
     return scores
 
 
+def off_label_share(record: dict) -> float | None:
+    """The share of a finished run's test answers that name none of its task's labels (read from the
+    predictions.jsonl beside its metrics.json); None for a task without a label set or without the file."""
+    from papeft.tasks import get_task
+    from papeft.tasks.metrics import names_a_label
+    try:
+        labels = getattr(get_task(record["task"]), "labels", ())
+    except KeyError:
+        return None
+    source = record.get("_source")
+    path = Path(source).with_name("predictions.jsonl") if source else None
+    if not labels or path is None or not path.is_file():
+        return None
+    try:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return sum(not names_a_label(r["prediction"], labels) for r in rows) / len(rows) if rows else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None                                       # example_scores warns about an unreadable file
+
+
 def _matrix(runs: Sequence[dict[str, float]]) -> np.ndarray | None:
     """(S, N) scores of S runs on the test examples they all share (same uid order); None if none."""
     shared = sorted(set.intersection(*(set(r) for r in runs))) if runs else []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import statistics
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -18,7 +19,7 @@ from omegaconf import OmegaConf
 
 from papeft.io import write_text
 from papeft.report.formats import tex_escape
-from papeft.report.intervals import Interval, cell_interval, example_scores, paired_interval
+from papeft.report.intervals import Interval, cell_interval, example_scores, off_label_share, paired_interval
 from papeft.report.rows import FLOOR_METHODS
 
 Runs = dict[int, tuple[dict, dict | None]]          # seed -> (metrics record, uid -> per-example score)
@@ -96,6 +97,24 @@ def protocol_lines(records: Sequence[dict]) -> list[str]:
     lines += [f"Cut: {c}" for c in task_notes(((str(r["task"]), str(cut)) for r, cfg in configs
                                                 for cut in cfg.get("cuts") or []), tasks)]
     return lines
+
+
+def off_label_line(records: Sequence[dict], at_least: float = 0.1) -> list[str]:
+    """A caption line naming the cells whose answers often name no label at all (median share over seeds
+    >= `at_least`): such a cell is at or under chance by format, not by judgement (the frozen backbone
+    answering in prose, a short run that has not learned the label words)."""
+    shares: dict[tuple[str, str], list[float]] = {}
+    for rec in records:
+        share = off_label_share(rec)
+        if share is not None:
+            shares.setdefault((str(rec["method"]), str(rec["task"])), []).append(share)
+    cells = sorted((task, method, statistics.median(v)) for (method, task), v in shares.items()
+                   if statistics.median(v) >= at_least)
+    if not cells:
+        return []
+    return ["Answers that name no label word (wrong whatever the gold label), median share over seeds, where "
+            f">= {at_least:.0%}: " + "; ".join(f"{method} on {task} {share:.0%}" for task, method, share in cells)
+            + "."]
 
 
 def task_notes(pairs: Iterable[tuple[str, str]], tasks: Iterable[str]) -> list[str]:

@@ -28,7 +28,8 @@ from typing import Any, Iterable, Sequence
 from papeft.io import write_text
 from papeft.report.formats import to_csv, to_latex, to_markdown
 from papeft.report.provenance import short_commit
-from papeft.report.reproduction import group_runs, majority_scores, protocol_lines, task_notes, write_reproduction
+from papeft.report.reproduction import (group_runs, majority_scores, off_label_line, protocol_lines, task_notes,
+                                        write_reproduction)
 from papeft.report.rows import FLOOR_METHODS, MAJORITY, Cell, Row, floors, quantile
 
 REQUIRED = ("backbone", "method", "task", "seed", "metric", "score",
@@ -279,7 +280,7 @@ def write_tables(run_dirs_or_metrics: Sequence[Path | str | dict], out_stem: Pat
         raise ValueError("no complete or failed runs to tabulate")
     done = {_key(r) for r in good}
     failures = [f for f in failures if _key(f) not in done]
-    notes = [code_note(good)] + protocol_lines(good) + collect_notes(good)
+    notes = [code_note(good)] + protocol_lines(good) + collect_notes(good) + off_label_line(good)
     if command:
         notes.append(f"Regenerate: {command}")
     stem = Path(out_stem)

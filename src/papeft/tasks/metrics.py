@@ -194,6 +194,12 @@ def _matched_label(prediction: str, candidates: Iterable[str]) -> str | None:
     return best
 
 
+def names_a_label(prediction: str, labels: Iterable[str]) -> bool:
+    """Whether `prediction` is, or starts with, one of `labels` (as accuracy reads it): an answer that
+    names none is wrong whatever the gold label, a failure of format rather than of judgement."""
+    return _matched_label(normalize_answer(prediction), {normalize_answer(label) for label in labels}) is not None
+
+
 def is_correct(prediction: str, answers: Sequence[str], labels: Sequence[str] = ()) -> bool:
     """Whether `prediction` matches a gold answer.
 
