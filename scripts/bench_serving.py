@@ -39,6 +39,7 @@ from papeft.bench.load import free_port, make_trace, run_replay, summarise
 from papeft.bench.profiling import op_profile
 from papeft.bench.serving_runs import RunStore, targets
 from papeft.bench.tables import machine, save_run
+from papeft.report.provenance import code_commit
 from papeft.bench.tenants import random_adapter
 from papeft.serving import ContinuousBatcher, Job, MultiTenantEngine, Request
 from papeft.tasks import get_task
@@ -299,7 +300,7 @@ def main(argv=None) -> int:
         (f"-{args.dtype}" if args.dtype else "")
     stem = Path(args.out) / f"serving-{label}"
     store = RunStore(stem, {**{k: v for k, v in vars(args).items() if k not in ("out", "data_root", "profile")},
-                            "machine": machine(args.device)})
+                            "machine": machine(args.device, threads=not args.threads)}, code_commit())
     if store.rows:
         print(f"# resuming from {store.path}: {len(store.rows)} runs done", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench_serving-"))

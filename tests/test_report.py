@@ -331,3 +331,25 @@ def test_runs_of_one_process_record_the_commit_it_started_on(monkeypatch):
                                                                                      "dirty": False}
     finally:
         provenance.process_git_state.cache_clear()
+
+
+def test_a_benchmark_names_the_last_commit_that_changed_code_not_the_results_since(tmp_path):
+    from papeft.report.provenance import code_commit
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    git("init", "-q")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src/a.py").write_text("x = 1\n")
+    git("add", "-A")
+    git("commit", "-q", "-m", "code")
+    code = git("rev-parse", "HEAD")[:7]
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results/cell.json").write_text("{}")
+    git("add", "-A")
+    git("commit", "-q", "-m", "a cell")                          # HEAD moves, the code does not
+    assert code_commit(tmp_path) == code
+    (tmp_path / "src/a.py").write_text("x = 2\n")
+    assert code_commit(tmp_path) == code + "+dirty"
+    assert code_commit(tmp_path / "src") == code + "+dirty"        # any folder of the checkout

@@ -158,10 +158,15 @@ def test_a_chat_its_template_refuses_is_a_bad_request_and_any_end_token_stops():
     tok.chat_template = "{% if messages|length > 1 %}{{ raise_exception('roles must alternate') }}{% endif %}" + CHAT
     with float64():
         engine = MultiTenantEngine(backbone())
+        turns = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
         with serving(make_app(ContinuousBatcher(engine), tok, "tiny")) as url:
-            turns = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
             r = httpx.post(f"{url}/v1/chat/completions", json={"model": "tiny", "messages": turns}, timeout=30)
+        broken = char_tokenizer()
+        broken.chat_template = "{{ messages | no_such_filter }}"         # the server's own bug, not the client's
+        with serving(make_app(ContinuousBatcher(engine), broken, "tiny")) as url:
+            bug = httpx.post(f"{url}/v1/chat/completions", json={"model": "tiny", "messages": turns[:1]}, timeout=30)
     assert r.status_code == 400 and "roles must alternate" in r.json()["error"]["message"], r.text
+    assert bug.status_code == 500
     reply = Reply(False, "tiny", 3, tok, True, eos={2, 7})
     assert reply.finish_reason([5, 7], 2) == "stop" and reply.finish_reason([5, 6], 2) == "length"
     assert reply.finish_reason([7], 2) == "stop" and reply.finish_reason([5], 2) == "stop"

@@ -19,16 +19,16 @@ from pathlib import Path
 
 from papeft.bench.load import Outcome, slo_ms, sustained
 from papeft.io import write_json
-from papeft.report.provenance import git_state, short_commit
 
 
 class RunStore:
     """The finished (setting, rate) groups of one benchmark: their rows, answer samples and the rate grid."""
 
-    def __init__(self, stem: Path, key: dict):
+    def __init__(self, stem: Path, key: dict, commit: str | None = None):
         digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
         self.path = stem.with_name(f"{stem.name}.progress-{digest}.json")
         self.key = key
+        self.commit = commit or "unknown"              # the code the servers of this process run
         self.rates: list[float] | None = None
         self.probed: float | None = None
         self.rows: list[dict] = []
@@ -47,11 +47,10 @@ class RunStore:
 
     def add(self, rows: list[dict], outcomes: list[list[Outcome]], check: int, seed: int) -> None:
         """One rate of one setting, every server's run: its rows and a seeded sample of each run's answers."""
-        commit = short_commit({"git": git_state()})
         for row, runs in zip(rows, outcomes):
             answered = [o for o in runs if o.ok]
             pick = random.Random(seed + len(self.rows)).sample(answered, min(check, len(answered)))
-            self.rows.append({**row, "commit": commit})
+            self.rows.append({**row, "commit": self.commit})
             self.samples.append([{"tenant": o.arrival.tenant, "prompt": list(o.arrival.prompt), "tokens": o.tokens}
                                  for o in pick])
         self.save()

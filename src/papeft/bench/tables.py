@@ -71,12 +71,12 @@ def rerender(saved: Path, columns: Sequence[str] = COLUMNS, stem: Path | None = 
     return write_tables(run["rows"], stem or Path(saved).with_suffix(""), run["header"], columns)
 
 
-def machine(device: str) -> str:
-    """CPU model and thread count, or the GPU; torch version."""
+def machine(device: str, threads: bool = True) -> str:
+    """CPU model, cores and (`threads`) this process's torch threads, or the GPU; torch version."""
     if device.startswith("cuda"):
         where = torch.cuda.get_device_name(torch.device(device))
     else:
-        where = f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+        where = f"{cpu_model()}, {os.cpu_count()} cores" + f", {torch.get_num_threads()} torch threads" * threads
     return f"{where}, torch {torch.__version__}"
 
 

@@ -50,6 +50,21 @@ def git_state(root: Path | None = None) -> dict[str, Any]:
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
+CODE_PATHS = ("src", "scripts", "configs", "run.py", "pyproject.toml", "constraints.txt")
+
+
+def code_commit(root: Path | None = None) -> str | None:
+    """'abc1234' (or 'abc1234+dirty') of the last commit that changed the code (CODE_PATHS), not the results
+    committed since: what a benchmark of hours ran while a sweep committed its cells. None outside git."""
+    root = root or project_root() or Path.cwd()
+    paths = [f":(top){p}" for p in CODE_PATHS]                # from anywhere in the checkout
+    commit = _git(root, "log", "-1", "--format=%H", "--", *paths)
+    if not commit:
+        return None
+    dirty = _git(root, "status", "--porcelain", "--untracked-files=no", "--", *paths)
+    return commit[:7] + ("+dirty" if dirty else "")
+
+
 def device_name(device) -> str:
     """'cuda: NVIDIA H200' or 'cpu: <processor>, N threads' for a torch device or its name."""
     import torch

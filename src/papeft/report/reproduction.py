@@ -103,23 +103,23 @@ def off_label_line(records: Sequence[dict], at_least: float = 0.1) -> list[str]:
     """A caption line naming the cells whose answers often name no label at all (median share over seeds
     >= `at_least`): such a cell is at or under chance by format, not by judgement (the frozen backbone
     answering in prose, a short run that has not learned the label words)."""
-    shares: dict[tuple[str, str], list[float]] = {}
+    shares: dict[tuple[str, str, str], list[float]] = {}
     for rec in records:
         share = off_label_share(rec)
         if share is not None:
-            shares.setdefault((str(rec["method"]), str(rec["task"])), []).append(share)
-    cells = sorted((task, method, statistics.median(v)) for (method, task), v in shares.items()
-                   if statistics.median(v) >= at_least)
+            shares.setdefault((str(rec["backbone"]), str(rec["task"]), str(rec["method"])), []).append(share)
+    cells = sorted((key, statistics.median(v)) for key, v in shares.items() if statistics.median(v) >= at_least)
     if not cells:
         return []
+    several = len({str(r["backbone"]) for r in records}) > 1
     return ["Answers that name no label word (wrong whatever the gold label), median share over seeds, where "
-            f">= {at_least:.0%}: " + "; ".join(f"{method} on {task} {share:.0%}" for task, method, share in cells)
-            + "."]
+            f">= {at_least:.0%}: " + "; ".join(f"{backbone + ': ' if several else ''}{method} on {task} {share:.0%}"
+                                               for (backbone, task, method), share in cells) + "."]
 
 
 def task_notes(pairs: Iterable[tuple[str, str]], tasks: Iterable[str]) -> list[str]:
-    """(task, note) pairs -> each note once, in first-seen order, led by the tasks it holds for unless it
-    holds for every one of `tasks` (a table's tasks): a reader sees which task a cut or a split note is about."""
+    """(task, note) pairs -> each note once, in first-seen order, led by the tasks whose runs carry it unless
+    runs of every one of `tasks` (a table's tasks) do: a reader sees which task a cut or a split note is about."""
     every = set(tasks)
     holds_for: dict[str, dict[str, None]] = {}
     for task, note in pairs:

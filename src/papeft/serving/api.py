@@ -30,7 +30,7 @@ import uuid
 from pathlib import Path
 
 from aiohttp import web
-from jinja2 import TemplateError
+from jinja2 import TemplateError, TemplateSyntaxError, UndefinedError
 
 from papeft.serving.continuous import ContinuousBatcher, Job, QueueFull, Stopped
 from papeft.serving.engine import Request
@@ -106,6 +106,8 @@ def prompt_ids(body: dict, chat: bool, settings: dict) -> list[int]:
         try:
             ids = PromptFormatter(tok, settings["chat_template"], system).encode_prompt(turns)
         except (ValueError, TemplateError) as e:                 # e.g. a template that wants alternating roles
+            if isinstance(e, (TemplateSyntaxError, UndefinedError)):  # the template's own bug: the server's
+                raise
             raise BadRequest(400, f"'messages': {e}", "messages") from e
     else:
         prompt = body.get("prompt")

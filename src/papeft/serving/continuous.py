@@ -379,5 +379,5 @@ class ContinuousBatcher:
             try:
                 self.step()
             except Exception:  # noqa: BLE001  (step answers its own failures; this is the last guard)
-                log.exception("batcher iteration failed outside its guard: every job in hand answered 500")
+                log.exception("an iteration failed outside its guard: every running and waiting job answered 500")
                 self._answer_all("internal error (see the server log)", 500)
