@@ -46,7 +46,7 @@ from papeft.tasks import get_task
 from papeft.tasks.prompting import PromptFormatter
 
 REPO = Path(__file__).resolve().parents[1]
-AUTO_FRACTIONS = (0.25, 0.5, 0.7, 0.85, 1.0, 1.15, 1.3)
+AUTO_FRACTIONS = (0.3, 0.5, 0.65, 0.75, 0.85, 0.95, 1.05, 1.2)      # finer where servers saturate
 SERVERS = {"bare": (None, "gathered"), "parade": ("parade", "gathered"), "ia3": ("ia3", "gathered"),
            "lora_gathered": ("lora", "gathered"), "lora_peft": ("lora", "peft")}   # name -> (method yaml, backend)
 COLUMNS = ["tenants", "popularity", "server", "offered_rps", "arrival_rps", "lag_p99_ms", "requests", "answered",
@@ -332,8 +332,8 @@ def main(argv=None) -> int:
               f"seeded trace in turn; {grid}; {weights}server torch threads {args.threads or 'default'}.\n"
               f"Made by `{command}` on {machine(args.device)} (this process), papeft {', '.join(commits)}.\n"
               "sustained = the highest offered rate up to which every request was answered and p99 end-to-end "
-              "latency met one objective for all servers of a setting: 3x the bare backbone's p99 at the lowest "
-              "rate.\n" + "\n".join(result))
+              "latency met one objective for all servers of a setting, 3x the bare backbone's p99 at the lowest "
+              "rate (where p99 crosses it between two rates, interpolated on log latency).\n" + "\n".join(result))
     text = profile(engines, examples, args) if args.profile else None
     save_run(stem, rows, header, args, result, columns=COLUMNS, profile=text, command=command)
     plot(rows, stem.with_suffix(".png"), f"Serving under load, {label}, {machine(args.device).split(',')[0]}")

@@ -35,9 +35,11 @@ def row(rate, p99, answered=10):
 
 
 def test_sustained_rate_stops_where_p99_misses_the_objective_or_a_request_is_lost():
-    assert sustained([row(1, 100), row(2, 150), row(4, 290), row(8, 5000)], slo=300) == 4
+    assert sustained([row(1, 100), row(2, 150), row(4, 300), row(8, 3000)], slo=300) == 4     # 300 is within
+    assert sustained([row(1, 100), row(2, 150), row(4, 100), row(8, 900)], slo=300) == 6     # log 100..900: half
+    assert sustained([row(2, 150), row(4, 290), row(8, 5000, answered=9)], slo=300) == 4      # lost: no crossing
     assert sustained([row(1, 100), row(2, 150, answered=9), row(4, 120)], slo=300) == 1
-    assert sustained([row(1, 100, answered=0)], slo=300) == 0
+    assert sustained([row(1, 100, answered=0)], slo=300) == 0 == sustained([row(1, 400)], slo=300)
     rows = [{"server": "parade", **row(1, 90)}, {"server": "bare", **row(2, 70)}, {"server": "bare", **row(1, 80)}]
     assert slo_ms(rows) == 240                               # the bare backbone's lowest rate, for every server
     assert slo_ms([r for r in rows if r["server"] == "parade"]) == 270
@@ -45,8 +47,12 @@ def test_sustained_rate_stops_where_p99_misses_the_objective_or_a_request_is_los
 
 def test_targets_compare_parade_with_bare_and_gathered_lora():
     rows = [{"tenants": 64, "popularity": "zipf", "server": s, **row(r, p), "checked": 2, "mismatched": 0}
-            for s, curve in {"bare": [100, 120, 900], "parade": [100, 130, 800],
+            for s, curve in {"bare": [100, 100, 900], "parade": [100, 100, 8100],
                              "lora_gathered": [100, 900, 900]}.items() for r, p in zip((1, 2, 4), curve)]
+    lines = targets(rows, (64, "zipf"))                              # objective 300 ms: bare 3, PARADE 2.5, LoRA 1.5
+    assert "MISS  PARADE sustained rate vs bare: 0.833x" in lines[1]
+    assert "PASS  PARADE sustained rate vs lora_gathered: 1.667x" in lines[2]
+    rows[5]["e2e_p99_ms"] = 900                                      # PARADE crosses where bare does
     lines = targets(rows, (64, "zipf"))
     assert "PASS  PARADE sustained rate vs bare: 1.000x" in lines[1]
     assert "PASS  PARADE sustained rate vs lora_gathered: 2.000x" in lines[2]
@@ -106,13 +112,13 @@ def test_the_benchmark_end_to_end_on_a_tiny_backbone_stopped_and_resumed(tmp_pat
         bench.main(argv)
     progress, = tmp_path.glob("serving-tiny_llama-cpu.progress-*.json")
     kept = json.loads(progress.read_text())
-    assert len(kept["rows"]) == 4 and len(kept["rates"]) == 7
+    assert len(kept["rows"]) == 4 and len(kept["rates"]) == 8
     assert not (tmp_path / "serving-tiny_llama-cpu.json").exists()
     calls.clear(), stop_at.clear()
     assert bench.main(argv) == 0
-    assert calls == [1, 1] + [3] * 10                 # warm-ups, then only the 5 rates left, both servers each
+    assert calls == [1, 1] + [3] * 12                 # warm-ups, then only the 6 rates left, both servers each
     saved = json.loads((tmp_path / "serving-tiny_llama-cpu.json").read_text())
-    assert {r["server"] for r in saved["rows"]} == {"bare", "parade"} and len(saved["rows"]) == 2 * 7
+    assert {r["server"] for r in saved["rows"]} == {"bare", "parade"} and len(saved["rows"]) == 2 * 8
     assert saved["rows"][:4] == [{**r, "checked": 2} for r in kept["rows"]]
     assert sorted({r["offered_rps"] for r in saved["rows"]}) == kept["rates"]
     assert all(r["answered"] == r["requests"] == 3 and r["mismatched"] == 0 and r["checked"] == 2
