@@ -43,6 +43,12 @@ class Interval:
         return self.low > 0 or self.high < 0
 
 
+def predictions_path(record: dict) -> Path | None:
+    """The predictions.jsonl beside a collected run's metrics.json (None for a record not read from a file)."""
+    source = record.get("_source")
+    return Path(source).with_name("predictions.jsonl") if source else None
+
+
 def example_scores(record: dict) -> dict[str, float] | None:
     """uid -> per-example score of a finished run, read from the predictions.jsonl beside its
     metrics.json and scored by its task; None when the task's score is not a mean over examples, or
@@ -55,10 +61,9 @@ def example_scores(record: dict) -> dict[str, float] | None:
         return None
     if not getattr(task, "label_words", None):            # free-text metrics: not per example here
         return None
-    source = record.get("_source")
-    path = Path(source).with_name("predictions.jsonl") if source else None
+    path = predictions_path(record)
     if path is None or not path.is_file():
-        if source:
+        if path is not None:
             warnings.warn(f"{path}: missing; its cell's interval resamples seeds only", stacklevel=2)
         return None
     scores: dict[str, float] = {}
@@ -88,8 +93,7 @@ def off_label_share(record: dict) -> float | None:
         labels = getattr(get_task(record["task"]), "labels", ())
     except KeyError:
         return None
-    source = record.get("_source")
-    path = Path(source).with_name("predictions.jsonl") if source else None
+    path = predictions_path(record)
     if not labels or path is None or not path.is_file():
         return None
     try:
