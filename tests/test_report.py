@@ -254,6 +254,21 @@ def test_cli_plots_and_paper(tmp_path):
     assert run_cli(tmp_path, "--paper", "table5").returncode == 1
 
 
+def test_the_figure_index_lists_each_run_figure_beside_its_run_whether_or_not_this_clone_has_it(tmp_path):
+    elsewhere = "/machine/that/trained/runs/pedro/seed0/rational_activations.png"     # the path the run recorded
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        put(runs, f"pedro/seed{seed}", rec("pedro", seed=seed, score=50 + seed, artifacts=[elsewhere]))
+    put(runs, "lora/seed0", rec("lora", score=52.0))
+    (runs / "pedro/seed0/rational_activations.png").write_bytes(b"png")              # only this machine has it
+    index = report.write_plots(runs, tmp_path / "out" / "plots")[-1]
+    text = index.read_text()
+    assert "- [../../runs/pedro/seed0/rational_activations.png](../../runs/pedro/seed0/rational_activations.png)" in text
+    assert "../../runs/pedro/seed1/rational_activations.png" in text and "/machine/" not in text
+    (runs / "pedro/seed0/rational_activations.png").unlink()                          # a fresh clone: same bytes
+    assert report.write_plots(runs, tmp_path / "out" / "plots")[-1].read_text() == text
+
+
 def test_tables_name_the_commits_of_their_runs(tmp_path):
     env = lambda sha, dirty: {"git": {"commit": sha, "dirty": dirty}}      # noqa: E731
     put(tmp_path, "a", rec(seed=0, environment=env("a" * 40, False)))

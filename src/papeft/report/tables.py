@@ -320,12 +320,16 @@ def write_plots(root: Path, out_dir: Path) -> list[Path]:
             task_floors[task] = max(task_floors.get(task, score), score)
         written += plot_methods_budget(panels, task_floors, out_dir / "budget-methods",
                                        title="score against tunable parameters, each method at its own budget")
-    figures = sorted({Path(a) for r in records for a in r.get("artifacts") or [] if str(a).endswith((".png", ".pdf"))})
-    figures = [f for f in figures if f.exists()]
+    # A run's figures lie beside its metrics.json (wherever the run was made); listed from the records alone,
+    # present or not, so the index regenerates byte-identically on a clone without them (they are not committed).
+    figures = sorted({Path(r["_source"]).with_name(Path(a).name) for r in records if r.get("_source")
+                      for a in r.get("artifacts") or [] if str(a).endswith((".png", ".pdf"))})
     if written or figures:
         lines = ["# Figures", ""] + [f"- [{p.name}]({p.name})" for p in written]
         if figures:
-            lines += ["", "## Per-run figures", ""]
+            lines += ["", "## Per-run figures", "", "Written by each run beside its metrics.json; a sweep commits "
+                      "only metrics.json, config.yaml and predictions.jsonl, so a clone lacks them until the run is "
+                      "made again.", ""]
             lines += [f"- [{_rel(f, out_dir)}]({_rel(f, out_dir)})" for f in figures]
         index = out_dir / "index.md"
         write_text(index, "\n".join(lines) + "\n")
