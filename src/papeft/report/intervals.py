@@ -13,6 +13,7 @@ interval says so. Replicates use a fixed generator seed: a table regenerates byt
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
@@ -49,6 +50,18 @@ def predictions_path(record: dict) -> Path | None:
     return Path(source).with_name("predictions.jsonl") if source else None
 
 
+def prediction_rows(path: Path) -> list[dict]:
+    """The rows of a predictions.jsonl, parsed once per file version (the scores and the no-label share
+    both read them); raises OSError / ValueError for an unreadable file."""
+    stat = path.stat()
+    return _rows(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=512)
+def _rows(path: str, mtime_ns: int, size: int) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def example_scores(record: dict) -> dict[str, float] | None:
     """uid -> per-example score of a finished run, read from the predictions.jsonl beside its
     metrics.json and scored by its task; None when the task's score is not a mean over examples, or
@@ -68,11 +81,9 @@ def example_scores(record: dict) -> dict[str, float] | None:
         return None
     scores: dict[str, float] = {}
     try:
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                answers = tuple(row["answers"])
-                scores[row["uid"]] = task.score([row["prediction"]], [Example(row["uid"], "", answers[0], answers)])
+        for row in prediction_rows(path):
+            answers = tuple(row["answers"])
+            scores[row["uid"]] = task.score([row["prediction"]], [Example(row["uid"], "", answers[0], answers)])
         problem = None if scores else "no rows"
     except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
         problem = f"unreadable ({type(exc).__name__}: {exc})"
@@ -97,7 +108,7 @@ def off_label_share(record: dict) -> float | None:
     if not labels or path is None or not path.is_file():
         return None
     try:
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = prediction_rows(path)
         return sum(not names_a_label(r["prediction"], labels) for r in rows) / len(rows) if rows else None
     except (OSError, ValueError, KeyError, TypeError):
         return None                                       # example_scores warns about an unreadable file
