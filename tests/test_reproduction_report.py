@@ -192,6 +192,15 @@ def test_a_caption_names_the_cells_whose_answers_name_no_label(tmp_path):
     assert line.endswith(": zero_shot on sst2 100%.") and "lora" not in line
 
 
+def test_a_predictions_file_rewritten_between_two_reports_is_read_again(tmp_path):
+    write_run(tmp_path, "lora", 0, 70)
+    prose = write_run(tmp_path, "zero_shot", 0, 0) / "predictions.jsonl"
+    assert "name no label word" not in write_tables([tmp_path], tmp_path / "first")["md"].read_text()
+    rows = [json.loads(line) for line in prose.read_text().splitlines()]
+    prose.write_text("".join(json.dumps({**r, "prediction": "The sentiment of the review"}) + "\n" for r in rows))
+    assert ": zero_shot on sst2 100%." in write_tables([tmp_path], tmp_path / "second")["md"].read_text()
+
+
 def test_unknown_reference_is_an_error(tmp_path, capsys):
     sweep(tmp_path, {"lora": [60, 61]})
     assert report_main([str(tmp_path), "--reference", "parade"]) == 1
